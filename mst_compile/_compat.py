@@ -1,0 +1,58 @@
+"""Every private (underscore) torch import of the package lives here.
+
+Keeping them in one file means a torch upgrade that moves one of these names breaks exactly one place.
+"""
+
+from __future__ import annotations
+
+from torch._dynamo.utils import counters as dynamo_counters  # noqa: F401
+from torch._inductor.compile_fx import compile_fx  # noqa: F401
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: F401
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols  # noqa: F401
+
+
+def inductor_config():
+    """The Inductor config module (``torch._inductor.config``)."""
+    import torch._inductor.config as cfg
+
+    return cfg
+
+
+def functorch_config():
+    """The functorch config module (``torch._functorch.config``)."""
+    import torch._functorch.config as cfg
+
+    return cfg
+
+
+def detect_fake_mode(inputs):
+    """The FakeTensorMode that Dynamo used for ``inputs`` (or None)."""
+    from torch._guards import detect_fake_mode as _detect
+
+    return _detect(inputs)
+
+
+class autograd_inside_op:
+    """Re-enable autograd recording inside a custom op's implementation.
+
+    A ``torch.library.custom_op`` runs its kernel with the autograd dispatch keys excluded, so
+    ``torch.autograd.grad`` there sees no graph. The chunk loops recompute each chunk under autograd, so they
+    lift that exclusion (and grad mode) for the duration of the block.
+    """
+
+    def __enter__(self):
+        import torch
+
+        dk = torch._C.DispatchKey
+        excl = torch._C._dispatch_tls_local_exclude_set() - torch._C.DispatchKeySet(dk.AutogradFunctionality)
+        incl = torch._C._dispatch_tls_local_include_set() - torch._C.DispatchKeySet(dk.ADInplaceOrView)
+        self._guard = torch._C._ForceDispatchKeyGuard(incl, excl)
+        self._grad = torch.enable_grad()
+        self._guard.__enter__()
+        self._grad.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._grad.__exit__(*exc)
+        self._guard.__exit__(*exc)
+        return False

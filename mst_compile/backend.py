@@ -1,0 +1,73 @@
+"""The ``mst`` torch.compile backend: rewrite the Dynamo graph, then hand it to Inductor.
+
+``torch.compile(model, backend="mst", options={...})`` reaches :func:`mst_backend` through the
+``torch_dynamo_backends`` entry point, so no import of ``mst_compile`` is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import fx
+
+from . import _compat
+from .config import MSTConfig, resolve
+from .logits import rebuild_outputs
+from .passes import PassContext, run_passes
+from .report import Report, add_report
+
+log = logging.getLogger("mst_compile")
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph (node metadata is shared, not deep-copied)."""
+    g = fx.Graph()
+    g.output(g.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, g)
+
+
+def _inductor(gm, example_inputs, cfg: MSTConfig, mode: str | None):
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    patches.update(cfg.inductor)
+    return _compat.compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def mst_backend(gm: fx.GraphModule, example_inputs, options: dict | MSTConfig | None = None, mode: str | None = None):
+    """Dynamo backend: chunk the MLP and head regions of ``gm`` (see ``mst_compile.passes``), compile with Inductor."""
+    cfg = resolve(options)
+    if not cfg.enabled:
+        return _inductor(gm, example_inputs, cfg, mode)
+    report = Report(graph=f"graph#{len(gm.graph.nodes)}nodes")
+    ctx = PassContext(cfg, _compat.detect_fake_mode(example_inputs), torch.is_grad_enabled())
+    try:
+        new_gm = run_passes(_copy(gm), ctx)
+    except Exception as e:  # noqa: BLE001 - a bug in a rewrite must never break the user's model
+        report.fallback = f"rewrite failed: {type(e).__name__}: {e}"
+        new_gm = None
+    report.regions = ctx.regions
+    if new_gm is None or not report.rewritten():
+        if report.fallback:
+            warnings.warn(f"mst: {report.fallback}; compiling this graph with plain Inductor", stacklevel=2)
+        add_report(report)
+        return _inductor(gm, example_inputs, cfg, mode)
+    try:
+        compiled = _inductor(new_gm, example_inputs, cfg, mode)
+    except Exception as e:  # noqa: BLE001
+        report.fallback = f"Inductor failed on the rewritten graph: {type(e).__name__}: {e}"
+        warnings.warn(f"mst: {report.fallback}; compiling this graph with plain Inductor", stacklevel=2)
+        add_report(report)
+        return _inductor(gm, example_inputs, cfg, mode)
+    add_report(report)
+    if not ctx.logits_outputs:
+        return compiled
+    logits_outputs = ctx.logits_outputs
+
+    def run(*args):
+        return rebuild_outputs(compiled(*args), logits_outputs)
+
+    return run
+
+
+mst_backend.__name__ = "mst"

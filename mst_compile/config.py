@@ -1,0 +1,144 @@
+"""Settings of the ``mst`` backend: a frozen dataclass, built from ``options=``, a global default and the
+environment.
+
+Precedence (highest first): ``torch.compile(..., options={...})``; the process default set with
+:func:`set_config` / :func:`config_context`; ``MST_*`` environment variables; the dataclass defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+LOGITS_MODES = ("full", "skip")
+
+
+@dataclass(frozen=True)
+class MSTConfig:
+    """What the backend rewrites and how finely it chunks.
+
+    - ``mlp`` / ``head``: turn the MLP and the vocabulary-projection + cross-entropy rewrites on or off.
+    - ``num_chunks``: fixed number of mini-sequences for every region (``None``: chosen from the shapes).
+    - ``chunk_tokens``: fixed tokens per mini-sequence instead (exclusive with ``num_chunks``).
+    - ``logits``: when the model also returns the logits next to a loss it computes:
+      ``"full"`` returns them, produced once in the model's dtype chunk by chunk, differentiable;
+      ``"skip"`` does not materialize them; reading them raises an error (Liger's ``skip_logits``).
+    - ``min_expansion``: a linear must widen its input by at least this factor to start an MLP region.
+    - ``inductor``: options passed through to Inductor's ``compile_fx`` (``torch._inductor.config`` keys).
+    - ``enabled``: ``False`` compiles exactly as plain Inductor would (an A/B switch).
+    """
+
+    mlp: bool = True
+    head: bool = True
+    num_chunks: int | None = None
+    chunk_tokens: int | None = None
+    logits: str = "full"
+    min_expansion: float = 1.5
+    inductor: dict = field(default_factory=dict)
+    enabled: bool = True
+
+    def __post_init__(self):
+        _check_int("num_chunks", self.num_chunks)
+        _check_int("chunk_tokens", self.chunk_tokens)
+        if self.num_chunks is not None and self.chunk_tokens is not None:
+            raise ValueError("mst: set at most one of 'num_chunks' and 'chunk_tokens'")
+        if self.logits not in LOGITS_MODES:
+            raise ValueError(f"mst: option 'logits' must be one of {LOGITS_MODES}, got {self.logits!r}")
+        for name in ("mlp", "head", "enabled"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"mst: option {name!r} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.min_expansion, (int, float)) or self.min_expansion <= 1.0:
+            raise ValueError(f"mst: option 'min_expansion' must be a number > 1, got {self.min_expansion!r}")
+        if not isinstance(self.inductor, dict):
+            raise ValueError(f"mst: option 'inductor' must be a dict of Inductor config keys, got {self.inductor!r}")
+
+    def replace(self, **changes: Any) -> "MSTConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"mst: option {name!r} must be a positive int or None, got {value!r}")
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(MSTConfig))
+
+_ENV = {
+    "MST_ENABLED": "enabled",
+    "MST_MLP": "mlp",
+    "MST_HEAD": "head",
+    "MST_NUM_CHUNKS": "num_chunks",
+    "MST_CHUNK_TOKENS": "chunk_tokens",
+    "MST_LOGITS": "logits",
+    "MST_MIN_EXPANSION": "min_expansion",
+}
+_default: MSTConfig | None = None
+
+
+def _parse_env(name: str, raw: str):
+    kind = {f.name: f.type for f in dataclasses.fields(MSTConfig)}[name]
+    if "bool" in str(kind):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"mst: environment variable for {name!r} must be a boolean, got {raw!r}")
+    if "int" in str(kind):
+        try:
+            return None if raw.lower() in ("", "none", "auto") else int(raw)
+        except ValueError:
+            raise ValueError(f"mst: environment variable for {name!r} must be an int, got {raw!r}") from None
+    if "float" in str(kind):
+        return float(raw)
+    return raw
+
+
+def from_env() -> MSTConfig:
+    kw = {field_: _parse_env(field_, os.environ[var]) for var, field_ in _ENV.items() if var in os.environ}
+    return MSTConfig(**kw)
+
+
+def get_config() -> MSTConfig:
+    """The process default: what :func:`set_config` set, else what the environment says."""
+    return _default if _default is not None else from_env()
+
+
+def set_config(config: MSTConfig | None = None, **changes: Any) -> MSTConfig:
+    """Set the process default (for callers that cannot pass ``options=``, such as HF Trainer)."""
+    global _default
+    base = config if config is not None else get_config()
+    _default = resolve(changes, base)
+    return _default
+
+
+@contextlib.contextmanager
+def config_context(**changes: Any) -> Iterator[MSTConfig]:
+    global _default
+    old = _default
+    try:
+        yield set_config(**changes)
+    finally:
+        _default = old
+
+
+def resolve(options: dict | MSTConfig | None, base: MSTConfig | None = None) -> MSTConfig:
+    """``options`` (a dict from ``torch.compile(options=...)`` or a config) applied over ``base``."""
+    base = base if base is not None else get_config()
+    if options is None:
+        return base
+    if isinstance(options, MSTConfig):
+        return options
+    if not isinstance(options, dict):
+        raise ValueError(f"mst: options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"mst: unknown option(s) {unknown}; valid options are {list(OPTION_NAMES)}")
+    changes = dict(options)
+    if "num_chunks" in changes and "chunk_tokens" not in changes:
+        changes["chunk_tokens"] = None
+    if "chunk_tokens" in changes and "num_chunks" not in changes:
+        changes["num_chunks"] = None
+    return dataclasses.replace(base, **changes)

@@ -1,0 +1,26 @@
+"""How a flat token dimension is cut into mini-sequences."""
+
+from __future__ import annotations
+
+import math
+
+
+def num_chunks_for(rows: int, num_chunks: int, chunk_rows: int) -> int:
+    """The chunk count for ``rows`` tokens: ``num_chunks`` if given (> 0), else ``ceil(rows / chunk_rows)``.
+
+    Always in ``[1, max(rows, 1)]``: fewer tokens than chunks gives one token per chunk.
+    """
+    if num_chunks > 0:
+        m = num_chunks
+    elif chunk_rows > 0:
+        m = math.ceil(rows / chunk_rows)
+    else:
+        m = 1
+    return max(1, min(m, max(rows, 1)))
+
+
+def chunk_bounds(rows: int, num_chunks: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(rows)``; all chunks equal but the last, which may be short."""
+    m = num_chunks_for(rows, num_chunks, chunk_rows)
+    size = max(1, math.ceil(rows / m))
+    return [(s, min(s + size, rows)) for s in range(0, rows, size)]

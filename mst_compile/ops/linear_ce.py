@@ -1,0 +1,124 @@
+"""``mst::linear_ce``: vocabulary projection + cross-entropy, one mini-sequence at a time.
+
+For each chunk of rows: ``z = linear(h_c, w, b)``; ``logits = pre(z)`` (the value the model may also return,
+written into one ``[tokens, vocab]`` buffer in the model's dtype when asked); ``f = post(logits)`` (upcast,
+scaling, softcap: whatever row-wise math stands between the projection and the loss);
+``cross_entropy(f, y_c, reduction="sum")``.
+
+NOTE [gradient in forward]: the loss is a scalar, so its gradient with respect to ``h``, ``w`` and ``b`` is
+known up to the scalar factor that backward brings. When a gradient is needed the op computes it during the
+forward chunk loop (one logits GEMM per chunk instead of a second one in backward, no logits kept), returns
+it as extra outputs, and backward only scales them. This is the same trick as Liger's fused linear
+cross-entropy; the weight gradient is accumulated in place (fp32 for low-precision weights).
+
+The op returns the loss already reduced (``sum`` or ``mean`` over non-ignored labels, NaN for a mean over
+none, as eager) and the count of non-ignored labels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _compat
+from . import registry
+from .chunking import chunk_bounds
+from .rowwise import acc_dtype
+
+_EMPTY = (0,)
+
+
+@torch.library.custom_op("mst::linear_ce", mutates_args=())
+def linear_ce(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    pre_key: str,
+    post_key: str,
+    ignore_index: int,
+    label_smoothing: float,
+    num_chunks: int,
+    chunk_rows: int,
+    needs: list[bool],
+    want_logits: bool,
+    mean: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    pre, post = registry.get(pre_key), registry.get(post_key)
+    h, w = h.detach(), w.detach()
+    b = None if b is None else b.detach()
+    rows = h.shape[0]
+    need_h, need_w, need_b = needs
+    need_b = need_b and b is not None
+    grad = need_h or need_w or need_b
+    loss_sum = torch.zeros((), dtype=post.out_dtype or torch.float32, device=h.device)
+    logits = h.new_empty((rows, w.shape[0]), dtype=pre.out_dtype or h.dtype) if want_logits else h.new_empty(_EMPTY)
+    dh = torch.empty_like(h) if need_h else h.new_empty(_EMPTY)
+    dw = torch.zeros(w.shape, dtype=acc_dtype(w), device=w.device) if need_w else w.new_empty(_EMPTY)
+    db = torch.zeros(b.shape, dtype=acc_dtype(b), device=b.device) if need_b else h.new_empty(_EMPTY)
+    with _compat.autograd_inside_op():
+        for s, e in chunk_bounds(rows, num_chunks, chunk_rows):
+            hc = h[s:e]
+            zr = F.linear(hc, w, b).requires_grad_(grad)
+            lg = pre.fn(zr)
+            if want_logits:
+                logits[s:e] = lg.detach()
+            loss = F.cross_entropy(
+                post.fn(lg), labels[s:e], ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing
+            )
+            loss_sum += loss.detach()
+            if not grad:
+                continue
+            (gz,) = torch.autograd.grad(loss, zr)
+            del lg, loss, zr
+            if need_h:
+                torch.matmul(gz, w, out=dh[s:e]) if dh.dtype == w.dtype else dh[s:e].copy_(gz @ w)
+            if need_w:
+                dw.addmm_(gz.t().to(dw.dtype), hc.to(dw.dtype))
+            if need_b:
+                db += gz.sum(0).to(db.dtype)
+    count = (labels != ignore_index).sum()
+    loss = loss_sum / count if mean else loss_sum
+    return loss, count, dh, dw.to(w.dtype) if need_w else dw, db.to(b.dtype) if need_b else db, logits
+
+
+@linear_ce.register_fake
+def _(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing, num_chunks, chunk_rows, needs, want_logits, mean):
+    pre, post = registry.get(pre_key), registry.get(post_key)
+    need_h, need_w, need_b = needs
+    return (
+        h.new_empty((), dtype=post.out_dtype or torch.float32),
+        labels.new_empty((), dtype=torch.int64),
+        torch.empty_like(h) if need_h else h.new_empty(_EMPTY),
+        torch.empty_like(w) if need_w else w.new_empty(_EMPTY),
+        torch.empty_like(b) if (need_b and b is not None) else h.new_empty(_EMPTY),
+        h.new_empty((h.shape[0], w.shape[0]), dtype=pre.out_dtype or h.dtype) if want_logits else h.new_empty(_EMPTY),
+    )
+
+
+def _setup(ctx, inputs, output):
+    needs = inputs[10]
+    _, count, dh, dw, db, logits = output
+    ctx.mark_non_differentiable(count, dh, dw, db, logits)
+    ctx.save_for_backward(dh, dw, db, count)
+    ctx.needs = needs
+    ctx.mean = inputs[12]
+
+
+def _backward(ctx, g, *_unused):
+    dh, dw, db, count = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs
+    if ctx.mean:
+        # Eager's nll_loss backward gives ignored rows an exact 0, so a batch whose labels are all
+        # ignore_index has a NaN loss but zero gradients; dividing by a zero count would give NaN.
+        g = torch.where(count > 0, g / count.clamp(min=1), torch.zeros_like(g))
+
+    def scale(t, need):
+        return t * g.to(t.dtype) if need else None
+
+    return (scale(dh, need_h), scale(dw, need_w), scale(db, need_b and db.numel() > 0)) + (None,) * 10
+
+
+linear_ce.register_autograd(_backward, setup_context=_setup)

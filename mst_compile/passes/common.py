@@ -1,0 +1,180 @@
+"""Shared pieces of the graph passes: the typed failure, the pass context, and how FX nodes are classified.
+
+The passes run on the graph Dynamo hands to a backend (torch-level ops such as ``torch._C._nn.linear``,
+``torch.nn.functional.silu``, ``operator.mul`` and method calls), before AOTAutograd, so one rewrite
+changes both the forward and the backward that AOTAutograd derives from it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ..config import MSTConfig
+from ..report import Region
+
+
+class CantChunk(Exception):
+    """A region cannot be rewritten; the message says why. Caught by the pass: the region stays as it was."""
+
+
+@dataclass
+class PassContext:
+    config: MSTConfig
+    fake_mode: object = None
+    grad_enabled: bool = True
+    regions: list[Region] = field(default_factory=list)
+    claimed: set = field(default_factory=set)  # nodes already part of a rewritten or rejected region
+    # graph-output bridges for logits returned next to a fused loss (see logits.py)
+    logits_outputs: list = field(default_factory=list)
+
+
+def val(n):
+    """The fake value Dynamo recorded for a node (``None`` for non-tensor or missing metadata)."""
+    if not isinstance(n, fx.Node):
+        return None
+    v = n.meta.get("example_value", n.meta.get("val"))
+    return v
+
+
+def tval(n) -> torch.Tensor | None:
+    v = val(n)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
+
+
+def linear_args(n) -> tuple | None:
+    """``(x, weight, bias)`` if ``n`` is a linear projection, else ``None``."""
+    if not isinstance(n, fx.Node) or n.op != "call_function" or n.target not in LINEAR_TARGETS:
+        return None
+    args = list(n.args) + [None] * (3 - len(n.args))
+    x = n.kwargs.get("input", args[0])
+    w = n.kwargs.get("weight", args[1])
+    b = n.kwargs.get("bias", args[2])
+    return x, w, b
+
+
+# Row-wise elementwise ops: each output row depends only on the same row of the token-shaped inputs.
+_ELEMENTWISE_FUNCTIONS = {
+    operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.pow,
+    torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.pow, torch.tanh, torch.sigmoid, torch.relu,
+    torch.exp, torch.erf, torch.square, torch.sqrt, torch.rsqrt, torch.clamp, torch.abs,
+    F.silu, F.gelu, F.relu, F.sigmoid, F.tanh, F.leaky_relu, F.mish, F.softplus, F.hardswish, F.elu,
+    F.selu, F.relu6, F.hardtanh, F.hardsigmoid, F.logsigmoid, F.celu,
+}  # fmt: skip
+_ELEMENTWISE_METHODS = {
+    "float", "half", "bfloat16", "double", "to", "type_as", "mul", "add", "sub", "div", "neg", "pow", "tanh",
+    "sigmoid", "relu", "exp", "clamp", "abs", "sqrt", "rsqrt", "square", "contiguous", "__mul__", "__add__",
+    "__rmul__", "__radd__", "__truediv__", "__sub__",
+}  # fmt: skip
+_SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split}
+_SPLIT_METHODS = {"chunk", "split", "tensor_split"}
+
+
+def tensor_inputs(n: fx.Node) -> list[fx.Node]:
+    return [a for a in n.all_input_nodes]
+
+
+def is_split(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _SPLIT_FUNCTIONS) or (
+        n.op == "call_method" and n.target in _SPLIT_METHODS
+    )
+
+
+def split_dim(n: fx.Node) -> int:
+    dim = n.kwargs.get("dim")
+    if dim is None:
+        dim = n.args[2] if len(n.args) > 2 else 0
+    return dim
+
+
+def is_elementwise(n: fx.Node) -> bool:
+    if n.op == "call_function" and n.target in _ELEMENTWISE_FUNCTIONS:
+        return True
+    if n.op == "call_method" and n.target in _ELEMENTWISE_METHODS:
+        if n.target == "to":
+            # dtype conversion only: no device moves, no copies to other layouts
+            rest = list(n.args[1:]) + list(n.kwargs.values())
+            return all(isinstance(a, torch.dtype) or a is None or isinstance(a, bool) for a in rest)
+        return True
+    if n.op == "call_function" and n.target is F.dropout:
+        p = n.kwargs.get("p", n.args[1] if len(n.args) > 1 else 0.5)
+        training = n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
+        # Recompute in backward must see the same values: only a no-op dropout is row-wise deterministic.
+        return p == 0.0 or training is False
+    return False
+
+
+def is_getitem_of_split(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node) and (
+        is_split(n.args[0])
+    )
+
+
+def is_weight_like(n) -> bool:
+    """A tensor without token dimensions: it may broadcast along the feature dimension only."""
+    v = tval(n)
+    return v is not None and v.dim() <= 1
+
+
+def numel_bytes(t: torch.Tensor | None) -> int:
+    if t is None:
+        return 0
+    try:
+        return int(t.numel()) * t.element_size()
+    except Exception:  # symbolic sizes
+        return 0
+
+
+def bind_cross_entropy(n: fx.Node) -> dict | None:
+    if n.op != "call_function" or n.target is not F.cross_entropy:
+        return None
+    sig = inspect.signature(F.cross_entropy)
+    bound = sig.bind(*n.args, **n.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def extract_body(graph: fx.Graph, nodes: list[fx.Node], inputs: list[fx.Node], output) -> fx.GraphModule:
+    """Cut ``nodes`` (in graph order) out into a new ``GraphModule`` taking ``inputs`` and returning ``output``.
+
+    Before::  x -> linear(x, w1) -> silu -> mul(., linear(x, w3)) -> linear(., w2) -> (rest of the graph)
+    After::   body(x, w1, w3, w2) = linear(mul(silu(linear(x, w1)), linear(x, w3)), w2)
+
+    The body runs on ``[rows, features]`` chunks, so a split along the last dimension is re-addressed as
+    ``dim=-1``; anything else that names a dimension was rejected before.
+    """
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, inp in enumerate(inputs):
+        env[inp] = g.placeholder(f"in{i}")
+    for n in nodes:
+        new = g.node_copy(n, lambda a: env[a])
+        if is_split(n):
+            args = list(new.args)
+            if "dim" in new.kwargs:
+                new.kwargs = {**new.kwargs, "dim": -1}
+            elif len(args) > 2:
+                args[2] = -1
+                new.args = tuple(args)
+        env[n] = new
+    if isinstance(output, (list, tuple)):
+        g.output(type(output)(env[o] for o in output))
+    else:
+        g.output(env[output])
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    return gm
+
+
+def check_split_on_last_dim(n: fx.Node) -> None:
+    v = tval(n.args[0])
+    d = split_dim(n)
+    if v is None or d not in (-1, v.dim() - 1):
+        raise CantChunk(f"{n.name} splits along dim {d}, not the feature dimension")

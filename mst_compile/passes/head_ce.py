@@ -1,0 +1,317 @@
+"""Pass: fuse the vocabulary projection with its cross-entropy and run both one mini-sequence at a time.
+
+Matches ``cross_entropy(T(linear(h, W, b)), labels)`` where ``T`` is any chain of row-wise elementwise math
+taking no tensor besides the logits (``.float()`` upcast, scaling, tanh softcap) mixed with layout ops that
+only touch token dimensions (``view(-1, V)``, ``flatten``, shift slices such as ``[..., :-1, :]``). The
+layout ops are replayed on ``h`` instead (they commute with row-wise math), so the op sees ``[tokens, H]``.
+
+Before::
+
+    logits = linear(h, W); f = logits.float(); loss = cross_entropy(f.view(-1, V), y, ignore_index=-100)
+    return loss, logits            # HF: the logits are a graph output too
+
+After::
+
+    loss, logits = head_call(h, W, None, y, ...)       # mst::linear_ce; logits written chunk by chunk,
+    return loss, logits                                # in the model dtype, only if they are returned
+
+NOTE [returned logits]: ``torch.compile(model)`` on an HF model returns the logits next to the loss. An output
+that requires grad gets a zero-filled gradient of its full size in backward when it is unused, so the op
+returns the logits *without* autograd history and the backend's runner re-attaches it outside the compiled
+graph with an autograd.Function whose backward runs only if the user really differentiates the logits
+(chunked recompute; see ``logits.py``). ``logits="skip"`` returns an object that raises on use instead.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ..ops import registry
+from ..report import Region
+from .common import (
+    CantChunk,
+    PassContext,
+    bind_cross_entropy,
+    is_elementwise,
+    linear_args,
+    numel_bytes,
+    tval,
+)
+
+
+def head_call(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing, num_chunks, chunk_rows, needs,
+              want_logits, mean, h_orig=None):  # fmt: skip
+    """What the rewritten graph calls: ``(loss, logits [*h_orig.shape[:-1], V] or an empty tensor)``.
+
+    ``h`` has had the token-layout ops between the projection and the loss replayed on it; ``h_orig`` is the
+    projection's input, whose leading dims the returned logits take.
+    """
+    h2 = h.reshape(-1, h.shape[-1])
+    loss, _count, _dh, _dw, _db, logits = torch.ops.mst.linear_ce(
+        h2, w, b, labels.reshape(-1), pre_key, post_key, ignore_index, float(label_smoothing), num_chunks,
+        chunk_rows, needs, want_logits, mean,
+    )  # fmt: skip
+    if want_logits:
+        logits = logits.view(*(h if h_orig is None else h_orig).shape[:-1], w.shape[0])
+    return loss, logits
+
+
+@dataclass
+class LogitsOutput:
+    """A graph output that is the head's logits: which output slots, and how the runner rebuilds them."""
+
+    slots: list[int]
+    mode: str  # "bridge" (re-attach autograd) | "skip" (raise on use) | "plain" (no grad needed)
+    extra: list[int]  # indices (in the compiled graph's outputs) of h, w[, b]
+    logits_key: str = ""
+    vocab: int = 0
+    dtype: torch.dtype = torch.float32
+    num_chunks: int = 1
+    chunk_rows: int = 0
+
+
+def _layout_kind(n: fx.Node) -> str | None:
+    if n.op == "call_method" and n.target in ("view", "reshape"):
+        return "view"
+    if (n.op == "call_method" and n.target == "flatten") or (n.op == "call_function" and n.target is torch.flatten):
+        return "flatten"
+    if n.op == "call_method" and n.target == "contiguous":
+        return "contiguous"
+    if n.op == "call_function" and n.target is operator.getitem:
+        return "getitem"
+    return None
+
+
+def _view_shape(n: fx.Node) -> list:
+    shape = list(n.args[1:])
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = list(shape[0])
+    return shape
+
+
+def _check_layout(n: fx.Node, kind: str, vocab: int) -> None:
+    """Layout ops may regroup or select token dimensions only; the vocab dimension stays last and whole."""
+    v_in, v_out = tval(n.args[0]), tval(n)
+    if v_in is None or v_out is None or v_out.dim() == 0 or v_out.shape[-1] != vocab:
+        raise CantChunk(f"{n.name} changes the vocabulary dimension")
+    if kind == "view" and _view_shape(n)[-1] not in (vocab, -1):
+        raise CantChunk(f"{n.name} reshapes the vocabulary dimension")
+    if kind == "flatten":
+        end = n.kwargs.get("end_dim", n.args[2] if len(n.args) > 2 else -1)
+        if end in (-1, v_in.dim() - 1):
+            raise CantChunk(f"{n.name} flattens the vocabulary dimension")
+    if kind == "getitem":
+        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        if any(i is None or isinstance(i, (fx.Node, torch.Tensor)) for i in idx):
+            raise CantChunk(f"{n.name} indexes logits with tensors or adds dimensions")
+        touches_last = (Ellipsis in idx and idx[-1] is not Ellipsis) or (Ellipsis not in idx and len(idx) >= v_in.dim())
+        if touches_last and idx[-1] != slice(None, None, None):
+            raise CantChunk(f"{n.name} slices the vocabulary dimension")
+
+
+def _is_tail_op(n: fx.Node) -> bool:
+    """Row-wise elementwise op whose only tensor input is the logits."""
+    return is_elementwise(n) and len(n.all_input_nodes) == 1
+
+
+@dataclass
+class HeadMatch:
+    ce: fx.Node
+    lin: fx.Node
+    chain: list  # forward order, after lin
+    exposed: fx.Node | None
+    args: dict
+
+
+def find_head(ce: fx.Node, ctx: PassContext) -> HeadMatch:
+    args = bind_cross_entropy(ce)
+    if args["weight"] is not None:
+        raise CantChunk("cross_entropy with class weights")
+    if args["size_average"] is not None or args["reduce"] is not None:
+        raise CantChunk("cross_entropy with legacy size_average/reduce")
+    if args["reduction"] not in ("mean", "sum"):
+        raise CantChunk(f"cross_entropy reduction {args['reduction']!r} (only 'mean' and 'sum' are fused)")
+    if not isinstance(args["ignore_index"], int) or not isinstance(args["label_smoothing"], (int, float)):
+        raise CantChunk("cross_entropy ignore_index/label_smoothing are not constants")
+    inp = args["input"]
+    iv = tval(inp)
+    if iv is None or iv.dim() != 2:
+        raise CantChunk("cross_entropy input is not [tokens, vocab]")
+    vocab = iv.shape[-1]
+    chain, cur = [], inp
+    while linear_args(cur) is None:
+        if not isinstance(cur, fx.Node) or cur in ctx.claimed:
+            raise CantChunk("no vocabulary projection feeds the loss")
+        kind = _layout_kind(cur)
+        if kind is not None:
+            _check_layout(cur, kind, vocab)
+        elif not _is_tail_op(cur):
+            raise CantChunk(f"{cur.name} ({cur.target}) between the projection and the loss is not row-wise")
+        chain.append(cur)
+        cur = cur.args[0]
+    lin = cur
+    chain.reverse()
+    h, w, b = linear_args(lin)
+    if not isinstance(w, fx.Node) or tval(w) is None or tval(w).dim() != 2:
+        raise CantChunk(f"{lin.name} has no weight matrix")
+    if b is not None and not isinstance(b, fx.Node):
+        raise CantChunk(f"{lin.name} has a non-tensor bias")
+    members = set([lin] + chain)
+    exposed = None
+    for n in [lin] + chain:
+        outside = [u for u in n.users if u not in members and u is not ce]
+        if not outside:
+            continue
+        if any(u.op != "output" for u in outside):
+            raise CantChunk(f"{n.name} is also used by {outside[0].name} inside the graph")
+        if exposed is not None:
+            raise CantChunk("more than one value of the head is returned")
+        exposed = n
+    if exposed is not None:
+        before = [lin] + chain[: chain.index(exposed) + 1 if exposed in chain else 0]
+        if any(_layout_kind(n) is not None for n in before) or any(
+            _layout_kind(n) == "getitem" for n in chain
+        ):  # fmt: skip
+            raise CantChunk("the returned logits differ in rows from those the loss reads")
+    return HeadMatch(ce, lin, chain, exposed, args)
+
+
+def _replay_layout(gm: fx.GraphModule, m: HeadMatch, h: fx.Node, hidden: int, vocab: int) -> fx.Node:
+    cur = h
+    for n in m.chain:
+        kind = _layout_kind(n)
+        if kind is None or kind == "contiguous":
+            continue
+        new = gm.graph.node_copy(n, lambda a, n=n: cur if a is n.args[0] else a)
+        if kind == "view":
+            shape = _view_shape(n)
+            if shape[-1] == vocab:
+                shape[-1] = hidden
+            new.args = (cur, *shape)
+        cur = new
+    return cur
+
+
+def _body(nodes: list[fx.Node], kind: str, dtype: torch.dtype) -> str:
+    """Register the elementwise ops among ``nodes`` (layout ops dropped) as a one-input body."""
+    ops = [n for n in nodes if _layout_kind(n) is None]
+    if not ops:
+        return registry.register_fn("tail", f"identity:{dtype}", _identity, -1, dtype)
+    g = fx.Graph()
+    cur = g.placeholder("z")
+    for n in ops:
+        cur = g.node_copy(n, lambda a, cur=cur: cur)
+    g.output(cur)
+    out = tval(ops[-1])
+    return registry.register(kind, fx.GraphModule(torch.nn.Module(), g), int(out.shape[-1]), out.dtype)
+
+
+def _identity(z):
+    return z
+
+
+def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
+    if not ctx.config.head:
+        return
+    for ce in list(gm.graph.nodes):
+        if bind_cross_entropy(ce) is None or ce in ctx.claimed:
+            continue
+        rec = Region("head", ce.name, "skipped")
+        try:
+            m = find_head(ce, ctx)
+            _apply(gm, m, ctx, rec)
+        except CantChunk as e:
+            rec.reason = str(e)
+            ctx.claimed.add(ce)
+        ctx.regions.append(rec)
+
+
+def _apply(gm: fx.GraphModule, m: HeadMatch, ctx: PassContext, rec: Region) -> None:
+    h, w, b = linear_args(m.lin)
+    hv, wv, lv = tval(h), tval(w), tval(m.lin)
+    vocab, hidden = int(wv.shape[0]), int(wv.shape[1])
+    split = m.chain.index(m.exposed) + 1 if m.exposed in m.chain else 0
+    pre_nodes, post_nodes = m.chain[:split], m.chain[split:]
+    _check_tail_inputs(m.chain, m.lin)
+    pre_key = _body(pre_nodes, "pre", lv.dtype)
+    post_key = _body(post_nodes, "post", tval(m.exposed).dtype if m.exposed is not None else lv.dtype)
+    cfg = ctx.config
+    grad = ctx.grad_enabled
+    needs = [bool(grad and v is not None and v.requires_grad) for v in (hv, wv, tval(b))]
+    mode = "none"
+    if m.exposed is not None:
+        mode = "skip" if cfg.logits == "skip" else ("bridge" if any(needs) else "plain")
+    if cfg.num_chunks:
+        num_chunks, chunk_rows, label = cfg.num_chunks, 0, str(cfg.num_chunks)
+    elif cfg.chunk_tokens:
+        num_chunks, chunk_rows, label = 0, cfg.chunk_tokens, f"tokens/{cfg.chunk_tokens}"
+    else:
+        # NOTE [auto chunk count]: one chunk's fp32 logits about the size of the hidden states.
+        num_chunks = max(1, math.ceil(vocab * 4 / (hidden * hv.element_size())))
+        chunk_rows, label = 0, str(num_chunks)
+    g = gm.graph
+    with g.inserting_before(m.ce):
+        h_sel = _replay_layout(gm, m, h, hidden, vocab)
+        call = g.call_function(
+            head_call,
+            (h_sel, w, b, m.args["target"], pre_key, post_key, m.args["ignore_index"], m.args["label_smoothing"],
+             num_chunks, chunk_rows, needs, mode in ("bridge", "plain"), m.args["reduction"] == "mean", h),
+        )  # fmt: skip
+        loss = g.call_function(operator.getitem, (call, 0))
+        logits = g.call_function(operator.getitem, (call, 1))
+    loss.meta.update(m.ce.meta)
+    m.ce.replace_all_uses_with(loss)
+    if m.exposed is not None:
+        logits.meta.update(m.exposed.meta)
+        _route_logits_output(gm, m, ctx, mode, logits, loss, h, w, b, pre_key, num_chunks, chunk_rows)
+    for n in reversed([m.lin] + m.chain + [m.ce]):
+        g.erase_node(n)
+    rec.status, rec.chunks = "rewritten", label
+    rec.nodes = [n.name for n in [m.lin] + m.chain + [m.ce]]
+    rec.shapes = f"h={list(hv.shape)} vocab={vocab} logits={mode if m.exposed is not None else 'not returned'}"
+    full = numel_bytes(lv) + sum(numel_bytes(tval(n)) for n in m.chain)
+    rec.bytes_saved = full
+    ctx.claimed.update([m.lin, m.ce] + m.chain)
+
+
+def _check_tail_inputs(chain: list[fx.Node], lin: fx.Node) -> None:
+    for n in chain:
+        if _layout_kind(n) is None and n.all_input_nodes != [n.args[0]]:
+            raise CantChunk(f"{n.name} mixes the logits with another tensor")
+
+
+def _route_logits_output(gm, m, ctx, mode, logits, loss, h, w, b, pre_key, num_chunks, chunk_rows) -> None:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    flat = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
+    slots = [i for i, a in enumerate(flat) if a is m.exposed]
+    repl = loss if mode == "skip" else logits
+    flat = [repl if a is m.exposed else a for a in flat]
+    extra_start = len(flat)
+    extras = [h, w] + ([b] if b is not None else [])
+    if mode in ("bridge", "skip"):
+        flat += extras
+    out.args = (tuple(flat),)
+    lv = tval(m.exposed)
+    logits_key = registry.register_fn(
+        "logits", f"{pre_key}|bias={b is not None}", _logits_body(pre_key), int(lv.shape[-1]), lv.dtype
+    )
+    ctx.logits_outputs.append(
+        LogitsOutput(
+            slots, mode, list(range(extra_start, extra_start + len(extras))) if mode != "plain" else [],
+            logits_key, int(lv.shape[-1]), lv.dtype, num_chunks, chunk_rows,
+        )  # fmt: skip
+    )
+
+
+def _logits_body(pre_key: str):
+    pre = registry.get(pre_key).fn
+
+    def body(hc, w, b=None):
+        return pre(torch.nn.functional.linear(hc, w, b))
+
+    return body

@@ -1,0 +1,200 @@
+"""Pass: chunk MLP blocks over tokens, recomputing each chunk in backward.
+
+Finds every region that starts at linear projections widening the same input ``x`` (gate and up, or fc1),
+continues through row-wise elementwise math (any activation, gating products, biases, splits of a fused
+``gate_up`` along the feature dimension) and ends at exactly one narrowing linear (down / fc2).
+
+Before::
+
+    gate = linear(x, Wg); up = linear(x, Wu); h = silu(gate) * up; y = linear(h, Wd)
+
+After::
+
+    y = rowwise_call(x, [Wg, Wu, Wd], key="mlp:<hash>", num_chunks=M)   # mst::rowwise, opaque to Inductor
+
+Only ``x`` and the weights are saved for backward; the ``tokens x intermediate`` tensors exist for one chunk
+at a time, in forward and again (recomputed) in backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import fx
+
+from ..ops import registry
+from ..report import Region
+from .common import (
+    CantChunk,
+    PassContext,
+    check_split_on_last_dim,
+    extract_body,
+    is_elementwise,
+    is_getitem_of_split,
+    is_split,
+    is_weight_like,
+    linear_args,
+    numel_bytes,
+    tval,
+)
+
+
+def rowwise_call(x, params, key, num_chunks, chunk_rows):
+    """What the rewritten graph calls: flatten tokens, run the chunked op, restore the leading dims."""
+    out = torch.ops.mst.rowwise(x.reshape(-1, x.shape[-1]), params, key, num_chunks, chunk_rows)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _width(n) -> int | None:
+    v = tval(n)
+    if v is None or v.dim() == 0:
+        return None
+    w = v.shape[-1]
+    return int(w) if isinstance(w, int) else None
+
+
+def _is_expanding(n, ctx: PassContext) -> bool:
+    la = linear_args(n)
+    if la is None:
+        return False
+    win, wout = _width(la[0]), _width(n)
+    return win is not None and wout is not None and wout >= ctx.config.min_expansion * win
+
+
+def find_region(start: fx.Node, ctx: PassContext) -> tuple[fx.Node, list[fx.Node], fx.Node]:
+    """``(x, region nodes in graph order, exit node)`` of the MLP that ``start`` (an expanding linear) opens."""
+    x = linear_args(start)[0]
+    xv = tval(x)
+    if xv is None or xv.dim() < 2:
+        raise CantChunk(f"input of {start.name} has no token dimension")
+    lead = tuple(xv.shape[:-1])
+    region: set[fx.Node] = set()
+    exits: set[fx.Node] = set()
+    queue = [start]
+    region.add(start)
+
+    def admit(n: fx.Node, why: fx.Node) -> None:
+        if n in region:
+            return
+        if n in ctx.claimed:
+            raise CantChunk(f"{n.name} belongs to another region")
+        if linear_args(n) is None and not (is_elementwise(n) or is_split(n) or is_getitem_of_split(n)):
+            raise CantChunk(f"{why.name} feeds {n.name} ({n.target}), which is not row-wise")
+        region.add(n)
+        queue.append(n)
+
+    while queue:
+        m = queue.pop()
+        if is_split(m):
+            check_split_on_last_dim(m)
+        la = linear_args(m)
+        if la is not None and (la[1] is None or not isinstance(la[1], fx.Node)):
+            raise CantChunk(f"{m.name} has no weight node")
+        for inp in m.all_input_nodes:
+            if inp is x or inp in region:
+                continue
+            if la is not None and inp in (la[1], la[2]):
+                if not is_weight_like(inp) and tval(inp) is not None and tval(inp).dim() != 2:
+                    raise CantChunk(f"weight {inp.name} of {m.name} is not a matrix")
+                continue
+            if is_weight_like(inp):
+                continue
+            ila = linear_args(inp)
+            if ila is not None and ila[0] is x:
+                admit(inp, m)  # a sibling projection of x (the up projection next to the gate)
+                continue
+            raise CantChunk(f"{m.name} reads {inp.name}, which is neither the MLP input, a region value nor a weight")
+        v = tval(m)
+        if v is not None and tuple(v.shape[:-1]) != lead:
+            raise CantChunk(f"{m.name} has shape {tuple(v.shape)}, not [{lead}, features]")
+        if la is not None and la[0] is not x and (_width(m) or 0) < (_width(la[0]) or 0):
+            exits.add(m)  # narrowing projection: the MLP's output
+            continue
+        for u in m.users:
+            if u.op == "output":
+                raise CantChunk(f"{m.name} (an MLP intermediate) is a graph output")
+            admit(u, m)
+    if len(exits) != 1:
+        raise CantChunk(f"expected one narrowing projection closing the MLP, found {len(exits)}")
+    (exit_node,) = exits
+    order = [n for n in start.graph.nodes if n in region]
+    return x, order, exit_node
+
+
+def _chunking(ctx: PassContext, x: fx.Node, region: list[fx.Node]) -> tuple[int, int, str]:
+    cfg = ctx.config
+    if cfg.num_chunks:
+        return cfg.num_chunks, 0, str(cfg.num_chunks)
+    if cfg.chunk_tokens:
+        return 0, cfg.chunk_tokens, f"tokens/{cfg.chunk_tokens}"
+    # NOTE [auto chunk count]: one chunk's expanded activations (the widening projections' outputs) are
+    # about the size of the layer input: M = sum(widened widths) / input width.
+    wide = sum(_width(n) or 0 for n in region if linear_args(n) is not None and linear_args(n)[0] is x)
+    m = max(1, math.ceil(wide / max(_width(x) or 1, 1)))
+    return m, 0, str(m)
+
+
+def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Find -> check -> apply for every MLP region in ``gm``; skipped regions stay unchanged."""
+    if not ctx.config.mlp:
+        return
+    for start in list(gm.graph.nodes):
+        if start in ctx.claimed or not _is_expanding(start, ctx):
+            continue
+        rec = Region("mlp", start.name, "skipped")
+        try:
+            x, region, exit_node = find_region(start, ctx)
+            params = _params(x, region)
+            body = extract_body(gm.graph, region, [x] + params, exit_node)
+            ev = tval(exit_node)
+            key = registry.register("mlp", body, int(ev.shape[-1]), ev.dtype)
+            num_chunks, chunk_rows, label = _chunking(ctx, x, region)
+            _check_body(ctx, key, x, params, ev)
+        except CantChunk as e:
+            rec.reason = str(e)
+            ctx.regions.append(rec)
+            ctx.claimed.add(start)
+            continue
+        with gm.graph.inserting_before(exit_node):
+            new = gm.graph.call_function(rowwise_call, (x, params, key, num_chunks, chunk_rows))
+        new.meta.update(exit_node.meta)
+        exit_node.replace_all_uses_with(new)
+        for n in reversed(region):
+            gm.graph.erase_node(n)
+        rec.status, rec.chunks = "rewritten", label
+        rec.nodes = [n.name for n in region]
+        xv = tval(x)
+        rec.shapes = f"x={list(xv.shape)} widths={[_width(n) for n in region if linear_args(n)]}"
+        inter = sum(numel_bytes(tval(n)) for n in region if n is not exit_node)
+        rec.bytes_saved = int(inter * (1 - 1 / max(num_chunks, 1))) if num_chunks else inter
+        ctx.regions.append(rec)
+        ctx.claimed.update(region)
+
+
+def _params(x: fx.Node, region: list[fx.Node]) -> list[fx.Node]:
+    seen: list[fx.Node] = []
+    rs = set(region)
+    for n in region:
+        for inp in n.all_input_nodes:
+            if inp is not x and inp not in rs and inp not in seen:
+                seen.append(inp)
+    return seen
+
+
+def _check_body(ctx: PassContext, key: str, x: fx.Node, params: list[fx.Node], expect) -> None:
+    """Run the extracted body once on fake values: it must give ``[rows, out]`` of the region's dtype."""
+    xv = tval(x)
+    pv = [tval(p) for p in params]
+    if xv is None or any(p is None for p in pv):
+        raise CantChunk("missing fake values for the region's inputs")
+    mode = getattr(xv, "fake_mode", None)
+    try:
+        with mode if mode is not None else contextlib.nullcontext():
+            out = registry.get(key).fn(xv.reshape(-1, xv.shape[-1])[:2], *pv)
+    except Exception as e:  # noqa: BLE001 - any failure means: leave the region alone
+        raise CantChunk(f"the extracted body does not run on a chunk: {type(e).__name__}: {e}") from e
+    if out.dim() != 2 or out.shape[-1] != expect.shape[-1] or out.dtype != expect.dtype:
+        raise CantChunk(f"the extracted body gives {tuple(out.shape)} {out.dtype}, expected [rows, {expect.shape[-1]}]")
+
