@@ -58,30 +58,71 @@ def linear_ce(
     dh = torch.empty_like(h) if need_h else h.new_empty(_EMPTY)
     dw = torch.zeros(w.shape, dtype=acc_dtype(w), device=w.device) if need_w else w.new_empty(_EMPTY)
     db = torch.zeros(b.shape, dtype=acc_dtype(b), device=b.device) if need_b else h.new_empty(_EMPTY)
-    with _compat.autograd_inside_op():
-        for s, e in chunk_bounds(rows, num_chunks, chunk_rows):
-            hc = h[s:e]
-            zr = F.linear(hc, w, b).requires_grad_(grad)
-            lg = pre.fn(zr)
+    fused = pre.cast_only and post.cast_only
+    for s, e in chunk_bounds(rows, num_chunks, chunk_rows):
+        hc = h[s:e]
+        z = F.linear(hc, w, b)
+        if fused:
             if want_logits:
-                logits[s:e] = lg.detach()
-            loss = F.cross_entropy(
-                post.fn(lg), labels[s:e], ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing
-            )
-            loss_sum += loss.detach()
-            if not grad:
-                continue
-            (gz,) = torch.autograd.grad(loss, zr)
-            del lg, loss, zr
-            if need_h:
-                torch.matmul(gz, w, out=dh[s:e]) if dh.dtype == w.dtype else dh[s:e].copy_(gz @ w)
-            if need_w:
-                dw.addmm_(gz.t().to(dw.dtype), hc.to(dw.dtype))
-            if need_b:
-                db += gz.sum(0).to(db.dtype)
+                logits[s:e] = z
+            loss, gz = fused_cross_entropy(z.to(post.out_dtype), labels[s:e], ignore_index, label_smoothing, grad)
+            gz = None if gz is None else gz.to(z.dtype)
+        else:
+            loss, gz = _tail_cross_entropy(z, labels[s:e], pre, post, logits[s:e] if want_logits else None,
+                                           ignore_index, label_smoothing, grad)  # fmt: skip
+        del z
+        loss_sum += loss
+        if not grad:
+            continue
+        if need_h:
+            torch.matmul(gz, w, out=dh[s:e]) if dh.dtype == w.dtype else dh[s:e].copy_(gz @ w)
+        if need_w:
+            dw.addmm_(gz.t().to(dw.dtype), hc.to(dw.dtype))
+        if need_b:
+            db += gz.sum(0).to(db.dtype)
     count = (labels != ignore_index).sum()
     loss = loss_sum / count if mean else loss_sum
     return loss, count, dh, dw.to(w.dtype) if need_w else dw, db.to(b.dtype) if need_b else db, logits
+
+
+def fused_cross_entropy(zf, y, ignore_index: int, eps: float, grad: bool):
+    """Sum of the cross-entropy of rows ``zf`` (modified in place) and, if ``grad``, its gradient w.r.t. ``zf``.
+
+    Same math as ``F.cross_entropy(zf, y, ignore_index, reduction="sum", label_smoothing=eps)``, written as a
+    few in-place passes over the chunk so that no ``[rows, vocab]`` temporary besides ``zf`` is made.
+    """
+    valid = y != ignore_index
+    ys = torch.where(valid, y, 0).unsqueeze(1)
+    zy = zf.gather(1, ys).squeeze(1)
+    zmean = zf.mean(1) if eps else None
+    m = zf.amax(1, keepdim=True)
+    ssum = zf.sub_(m).exp_().sum(1, keepdim=True)
+    lse = (m + ssum.log()).squeeze(1)
+    row = lse - zy
+    if eps:
+        row = (1 - eps) * row + eps * (lse - zmean)
+    loss = torch.where(valid, row, 0).sum()
+    if not grad:
+        return loss, None
+    g = zf.div_(ssum)  # softmax
+    g.scatter_add_(1, ys, g.new_full(ys.shape, -(1 - eps)))
+    if eps:
+        g.sub_(eps / zf.shape[1])
+    return loss, g.mul_(valid.unsqueeze(1))
+
+
+def _tail_cross_entropy(z, y, pre, post, logits_out, ignore_index: int, eps: float, grad: bool):
+    """Any row-wise tail (softcap, scaling): cross-entropy through autograd, gradient w.r.t. ``z``."""
+    with _compat.autograd_inside_op():
+        zr = z.requires_grad_(grad)
+        lg = pre.fn(zr)
+        if logits_out is not None:
+            logits_out.copy_(lg.detach())
+        loss = F.cross_entropy(post.fn(lg), y, ignore_index=ignore_index, reduction="sum", label_smoothing=eps)
+        if not grad:
+            return loss.detach(), None
+        (gz,) = torch.autograd.grad(loss, zr)
+    return loss.detach(), gz
 
 
 @linear_ce.register_fake

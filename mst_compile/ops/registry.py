@@ -26,6 +26,7 @@ class Body:
     out_features: int
     out_dtype: torch.dtype | None  # None: same dtype as the input
     code: str
+    cast_only: bool = False  # the body only converts dtype (or is the identity): ops may take a fused path
 
 
 def register(kind: str, gm: torch.fx.GraphModule, out_features: int, out_dtype: torch.dtype | None) -> str:
@@ -51,4 +52,12 @@ def register_fn(kind: str, name: str, fn: Callable, out_features: int = -1, out_
     """Register a plain Python function (used by tests and by the identity tail)."""
     key = f"{kind}:{name}"
     _BODIES[key] = Body(fn, out_features, out_dtype, name)
+    return key
+
+
+def register_cast(dtype: torch.dtype) -> str:
+    """The body ``z -> z.to(dtype)`` (the identity when ``z`` already has that dtype)."""
+    key = f"cast:{dtype}"
+    if key not in _BODIES:
+        _BODIES[key] = Body(lambda z: z.to(dtype), -1, dtype, key, cast_only=True)
     return key

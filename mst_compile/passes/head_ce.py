@@ -201,7 +201,9 @@ def _body(nodes: list[fx.Node], kind: str, dtype: torch.dtype) -> str:
     """Register the elementwise ops among ``nodes`` (layout ops dropped) as a one-input body."""
     ops = [n for n in nodes if _layout_kind(n) is None]
     if not ops:
-        return registry.register_fn("tail", f"identity:{dtype}", _identity, -1, dtype)
+        return registry.register_cast(dtype)
+    if len(ops) == 1 and _cast_dtype(ops[0]) is not None:
+        return registry.register_cast(_cast_dtype(ops[0]))
     g = fx.Graph()
     cur = g.placeholder("z")
     for n in ops:
@@ -211,8 +213,17 @@ def _body(nodes: list[fx.Node], kind: str, dtype: torch.dtype) -> str:
     return registry.register(kind, fx.GraphModule(torch.nn.Module(), g), int(out.shape[-1]), out.dtype)
 
 
-def _identity(z):
-    return z
+def _cast_dtype(n: fx.Node) -> torch.dtype | None:
+    """The dtype a pure dtype conversion (``.float()``, ``.to(torch.float32)``) converts to, else None."""
+    methods = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
+    if n.op == "call_method" and n.target in methods and len(n.args) == 1 and not n.kwargs:
+        return methods[n.target]
+    if n.op == "call_method" and n.target == "to":
+        rest = [*n.args[1:], *n.kwargs.values()]
+        dts = [a for a in rest if isinstance(a, torch.dtype)]
+        if len(dts) == 1 and all(isinstance(a, (torch.dtype, bool)) for a in rest):
+            return dts[0]
+    return None
 
 
 def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:

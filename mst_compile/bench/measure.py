@@ -1,0 +1,70 @@
+"""Peak memory of one training step, measured in a fresh process.
+
+CPU: ``VmHWM - VmRSS`` around one step after writing ``5`` to ``/proc/self/clear_refs`` (resets the
+high-water mark), with ``MALLOC_MMAP_THRESHOLD_=65536`` set for the process so freed blocks go back to the
+OS. CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated bytes before the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+MIB = 2**20
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMeter:
+    """``with PeakMeter(device) as m: step()`` then ``m.peak_mib``: the step's own peak above its start."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.peak_mib = float("nan")
+
+    def __enter__(self):
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._base = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mib = (torch.cuda.max_memory_allocated() - self._base) / MIB
+        else:
+            self.peak_mib = (_status_kib("VmHWM") * 1024 - self._base) / MIB
+        return False
+
+
+def run_worker(args: list[str], timeout: float = 1800) -> dict:
+    """Run ``python -m mst_compile.bench.worker ARGS`` in its own process; return its JSON result."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mst_compile.bench.worker", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"error": (proc.stderr or proc.stdout)[-2000:].strip(), "returncode": proc.returncode}

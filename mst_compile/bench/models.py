@@ -1,0 +1,27 @@
+"""Models the benchmark and the memory tests build from a config (random weights, no downloads)."""
+
+from __future__ import annotations
+
+import torch
+
+CONFIGS = {
+    # the issue's reference model: 2-layer Llama, H=512, I=2048, V=32000
+    "llama-small": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
+                        num_key_value_heads=8, vocab_size=32000),
+    # small enough for unit tests
+    "llama-tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=4096),
+}  # fmt: skip
+
+
+def build_llama(name: str = "llama-small", seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{**CONFIGS[name], "use_cache": False, **overrides})
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def token_batch(tokens: int, vocab: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, tokens // batch), generator=g)

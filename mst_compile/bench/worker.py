@@ -1,0 +1,102 @@
+"""One benchmark arm in its own process; prints one JSON line (peak MiB, step times, compile time).
+
+    python -m mst_compile.bench.worker --arm mst --form step --tokens 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from .. import _compat
+from .measure import PeakMeter
+from .models import build_llama, token_batch
+
+ARMS = ("eager", "compile", "auto_chunker", "hf_ckpt", "compile_ckpt", "mst", "mst_ckpt")
+FORMS = ("step", "model")
+
+
+def prepare(arm: str, form: str, model, options: dict | None = None):
+    """The callable ``ids -> loss (and the output object kept alive)`` for one arm and form."""
+    if arm in ("hf_ckpt", "compile_ckpt", "mst_ckpt"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if arm == "auto_chunker":
+        _compat.inductor_config().auto_chunker.enable = True
+    backend = {"compile": "inductor", "compile_ckpt": "inductor", "auto_chunker": "inductor"}.get(arm)
+    if arm in ("mst", "mst_ckpt"):
+        backend = "mst"
+    kwargs = {"options": options} if (backend == "mst" and options) else {}
+
+    if form == "model":
+        target = model if backend is None else torch.compile(model, backend=backend, **kwargs)
+
+        def run(ids):
+            out = target(input_ids=ids, labels=ids)
+            return out.loss, out
+
+    else:
+
+        def loss_fn(ids):
+            return model(input_ids=ids, labels=ids).loss
+
+        target = loss_fn if backend is None else torch.compile(loss_fn, backend=backend, **kwargs)
+
+        def run(ids):
+            return target(ids), None
+
+    return run
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--arm", choices=ARMS, required=True)
+    p.add_argument("--form", choices=FORMS, default="step")
+    p.add_argument("--model", default="llama-small")
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=3, help="measured steps after two warm-up steps")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--options", default="", help="JSON dict of mst options")
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    model = build_llama(a.model).to(a.device, getattr(torch, a.dtype))
+    model.train()
+    ids = token_batch(a.tokens, model.config.vocab_size).to(a.device)
+    run = prepare(a.arm, a.form, model, json.loads(a.options) if a.options else None)
+
+    def step():
+        loss, out = run(ids)
+        loss.backward()
+        del out
+        model.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    t0 = time.perf_counter()
+    losses = [step()]
+    compile_s = time.perf_counter() - t0
+    losses.append(step())
+    times = []
+    for _ in range(a.steps):
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with PeakMeter(a.device) as meter:
+            losses.append(step())
+        times.append(time.perf_counter() - t)
+    result = dict(
+        arm=a.arm, form=a.form, tokens=a.tokens, model=a.model, device=a.device, peak_mib=round(meter.peak_mib, 1),
+        step_s_median=statistics.median(times), step_s=times, compile_s=compile_s, loss=losses[-1],
+    )  # fmt: skip
+    if a.arm.startswith("mst"):
+        import mst_compile
+
+        result["rewritten"] = mst_compile.counters["mlp_rewritten"] + mst_compile.counters["head_rewritten"]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
