@@ -26,6 +26,7 @@ class MSTConfig:
     - ``logits``: when the model also returns the logits next to a loss it computes:
       ``"full"`` returns them, produced once in the model's dtype chunk by chunk, differentiable;
       ``"skip"`` does not materialize them; reading them raises an error (Liger's ``skip_logits``).
+    - ``min_chunk_tokens``: with the automatic chunk count, no chunk is made smaller than this many tokens.
     - ``min_expansion``: a linear must widen its input by at least this factor to start an MLP region.
     - ``inductor``: options passed through to Inductor's ``compile_fx`` (``torch._inductor.config`` keys).
     - ``enabled``: ``False`` compiles exactly as plain Inductor would (an A/B switch).
@@ -36,6 +37,7 @@ class MSTConfig:
     num_chunks: int | None = None
     chunk_tokens: int | None = None
     logits: str = "full"
+    min_chunk_tokens: int = 512
     min_expansion: float = 1.5
     inductor: dict = field(default_factory=dict)
     enabled: bool = True
@@ -43,6 +45,7 @@ class MSTConfig:
     def __post_init__(self):
         _check_int("num_chunks", self.num_chunks)
         _check_int("chunk_tokens", self.chunk_tokens)
+        _check_int("min_chunk_tokens", self.min_chunk_tokens)
         if self.num_chunks is not None and self.chunk_tokens is not None:
             raise ValueError("mst: set at most one of 'num_chunks' and 'chunk_tokens'")
         if self.logits not in LOGITS_MODES:
@@ -57,6 +60,14 @@ class MSTConfig:
 
     def replace(self, **changes: Any) -> "MSTConfig":
         return dataclasses.replace(self, **changes)
+
+    def chunking(self, auto_chunks: int) -> tuple[int, int, str]:
+        """``(num_chunks, chunk_rows, label)`` for the chunked ops, given the shape-derived chunk count."""
+        if self.num_chunks:
+            return self.num_chunks, 0, str(self.num_chunks)
+        if self.chunk_tokens:
+            return 0, self.chunk_tokens, f"tokens/{self.chunk_tokens}"
+        return auto_chunks, self.min_chunk_tokens, f"{auto_chunks}(min {self.min_chunk_tokens} tokens)"
 
 
 def _check_int(name: str, value) -> None:
@@ -73,6 +84,7 @@ _ENV = {
     "MST_NUM_CHUNKS": "num_chunks",
     "MST_CHUNK_TOKENS": "chunk_tokens",
     "MST_LOGITS": "logits",
+    "MST_MIN_CHUNK_TOKENS": "min_chunk_tokens",
     "MST_MIN_EXPANSION": "min_expansion",
 }
 _default: MSTConfig | None = None

@@ -6,11 +6,18 @@ import math
 
 
 def num_chunks_for(rows: int, num_chunks: int, chunk_rows: int) -> int:
-    """The chunk count for ``rows`` tokens: ``num_chunks`` if given (> 0), else ``ceil(rows / chunk_rows)``.
+    """The chunk count for ``rows`` tokens.
+
+    - ``num_chunks > 0`` and ``chunk_rows > 0``: ``num_chunks``, but no chunk under ``chunk_rows`` rows
+      (the automatic policy: a chunk must stay large enough for its GEMMs to outweigh the per-chunk
+      weight-gradient update, which touches the whole weight);
+    - only ``num_chunks``: exactly that many; only ``chunk_rows``: ``ceil(rows / chunk_rows)``.
 
     Always in ``[1, max(rows, 1)]``: fewer tokens than chunks gives one token per chunk.
     """
-    if num_chunks > 0:
+    if num_chunks > 0 and chunk_rows > 0:
+        m = min(num_chunks, rows // chunk_rows)
+    elif num_chunks > 0:
         m = num_chunks
     elif chunk_rows > 0:
         m = math.ceil(rows / chunk_rows)

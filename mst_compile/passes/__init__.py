@@ -11,13 +11,15 @@ import logging
 
 from torch import fx
 
-from . import head_ce, mlp
+from . import head_ce, mlp, normalize
 from .common import CantChunk, PassContext
 
 log = logging.getLogger("mst_compile.passes")
 
-#: The head runs first: its projection widens too, and must not be taken for an MLP.
+#: Normalization first (one spelling of a projection); the head before the MLP: its projection widens
+#: too and must not be taken for an MLP.
 PASSES = (
+    ("normalize", normalize.rewrite),
     ("head_ce", head_ce.rewrite),
     ("mlp", mlp.rewrite),
 )

@@ -192,7 +192,8 @@ def _replay_layout(gm: fx.GraphModule, m: HeadMatch, h: fx.Node, hidden: int, vo
             shape = _view_shape(n)
             if shape[-1] == vocab:
                 shape[-1] = hidden
-            new.args = (cur, *shape)
+            # the replay skips ``contiguous``, so ``h`` may be a strided slice here: reshape, never view
+            new.target, new.args = "reshape", (cur, *shape)
         cur = new
     return cur
 
@@ -257,14 +258,8 @@ def _apply(gm: fx.GraphModule, m: HeadMatch, ctx: PassContext, rec: Region) -> N
     mode = "none"
     if m.exposed is not None:
         mode = "skip" if cfg.logits == "skip" else ("bridge" if any(needs) else "plain")
-    if cfg.num_chunks:
-        num_chunks, chunk_rows, label = cfg.num_chunks, 0, str(cfg.num_chunks)
-    elif cfg.chunk_tokens:
-        num_chunks, chunk_rows, label = 0, cfg.chunk_tokens, f"tokens/{cfg.chunk_tokens}"
-    else:
-        # NOTE [auto chunk count]: one chunk's fp32 logits about the size of the hidden states.
-        num_chunks = max(1, math.ceil(vocab * 4 / (hidden * hv.element_size())))
-        chunk_rows, label = 0, str(num_chunks)
+    # NOTE [auto chunk count]: one chunk's fp32 logits about the size of the hidden states.
+    num_chunks, chunk_rows, label = cfg.chunking(max(1, math.ceil(vocab * 4 / (hidden * hv.element_size()))))
     g = gm.graph
     with g.inserting_before(m.ce):
         h_sel = _replay_layout(gm, m, h, hidden, vocab)

@@ -93,19 +93,9 @@ def find_region(start: fx.Node, ctx: PassContext) -> tuple[fx.Node, list[fx.Node
         if la is not None and (la[1] is None or not isinstance(la[1], fx.Node)):
             raise CantChunk(f"{m.name} has no weight node")
         for inp in m.all_input_nodes:
-            if inp is x or inp in region:
-                continue
-            if la is not None and inp in (la[1], la[2]):
-                if not is_weight_like(inp) and tval(inp) is not None and tval(inp).dim() != 2:
-                    raise CantChunk(f"weight {inp.name} of {m.name} is not a matrix")
-                continue
-            if is_weight_like(inp):
-                continue
             ila = linear_args(inp)
-            if ila is not None and ila[0] is x:
+            if ila is not None and ila[0] is x and inp not in region:
                 admit(inp, m)  # a sibling projection of x (the up projection next to the gate)
-                continue
-            raise CantChunk(f"{m.name} reads {inp.name}, which is neither the MLP input, a region value nor a weight")
         v = tval(m)
         if v is not None and tuple(v.shape[:-1]) != lead:
             raise CantChunk(f"{m.name} has shape {tuple(v.shape)}, not [{lead}, features]")
@@ -118,22 +108,27 @@ def find_region(start: fx.Node, ctx: PassContext) -> tuple[fx.Node, list[fx.Node
             admit(u, m)
     if len(exits) != 1:
         raise CantChunk(f"expected one narrowing projection closing the MLP, found {len(exits)}")
+    for m in region:
+        la = linear_args(m)
+        for inp in m.all_input_nodes:
+            if inp is x or inp in region:
+                continue
+            if la is not None and inp in (la[1], la[2]):
+                if tval(inp) is None or tval(inp).dim() > 2:
+                    raise CantChunk(f"weight {inp.name} of {m.name} is not a matrix or vector")
+                continue
+            if not is_weight_like(inp):
+                raise CantChunk(f"{m.name} reads {inp.name}, which is neither the MLP input, a region value nor a weight")
     (exit_node,) = exits
     order = [n for n in start.graph.nodes if n in region]
     return x, order, exit_node
 
 
-def _chunking(ctx: PassContext, x: fx.Node, region: list[fx.Node]) -> tuple[int, int, str]:
-    cfg = ctx.config
-    if cfg.num_chunks:
-        return cfg.num_chunks, 0, str(cfg.num_chunks)
-    if cfg.chunk_tokens:
-        return 0, cfg.chunk_tokens, f"tokens/{cfg.chunk_tokens}"
+def _auto_chunks(x: fx.Node, region: list[fx.Node]) -> int:
     # NOTE [auto chunk count]: one chunk's expanded activations (the widening projections' outputs) are
     # about the size of the layer input: M = sum(widened widths) / input width.
     wide = sum(_width(n) or 0 for n in region if linear_args(n) is not None and linear_args(n)[0] is x)
-    m = max(1, math.ceil(wide / max(_width(x) or 1, 1)))
-    return m, 0, str(m)
+    return max(1, math.ceil(wide / max(_width(x) or 1, 1)))
 
 
 def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -150,7 +145,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
             body = extract_body(gm.graph, region, [x] + params, exit_node)
             ev = tval(exit_node)
             key = registry.register("mlp", body, int(ev.shape[-1]), ev.dtype)
-            num_chunks, chunk_rows, label = _chunking(ctx, x, region)
+            num_chunks, chunk_rows, label = ctx.config.chunking(_auto_chunks(x, region))
             _check_body(ctx, key, x, params, ev)
         except CantChunk as e:
             rec.reason = str(e)

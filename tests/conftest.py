@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+import mst_compile
+from mst_compile.passes import PassContext, run_passes
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    mst_compile.reset_counters()
+    torch._dynamo.reset()
+    yield
+
+
+def dynamo_graph(fn, *args, **kwargs):
+    """The FX graph (and example inputs) Dynamo hands a backend for ``fn(*args, **kwargs)``."""
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append((gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture, fullgraph=False)(*args, **kwargs)
+    assert len(captured) == 1, f"expected one graph, got {len(captured)}"
+    return captured[0]
+
+
+def rewrite(fn, *args, config=None, **kwargs):
+    """Run the mst passes on ``fn``'s Dynamo graph (no Inductor): ``(rewritten gm, PassContext)``."""
+    gm, example_inputs = dynamo_graph(fn, *args, **kwargs)
+    ctx = PassContext(config or mst_compile.MSTConfig(), None, torch.is_grad_enabled())
+    return run_passes(gm, ctx), ctx, example_inputs
+
+
+def assert_close_rel(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5, name: str = ""):
+    """``|a - b|_max <= rtol * |b|_max`` (relative to the reference's scale)."""
+    err = (a.detach().double() - b.detach().double()).abs().max().item()
+    scale = max(b.detach().double().abs().max().item(), 1e-12)
+    assert err <= rtol * scale, f"{name}: max abs err {err:.3e} > {rtol} * {scale:.3e}"
+
+
+def grads(module: torch.nn.Module) -> dict:
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}

@@ -1,0 +1,103 @@
+"""Pattern matching on traced graphs: the vocabulary projection + cross-entropy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import rewrite
+from tests.modules import LMHead
+
+
+def _heads(ctx, status):
+    return [r for r in ctx.regions if r.kind == "head" and r.status == status]
+
+
+def _calls(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "head_call"]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"upcast": False},
+        {"softcap": 5.0},
+        {"scale": 0.5, "bias": True},
+        {"shift": True},
+        {"reduction": "sum"},
+        {"smoothing": 0.1},
+    ],
+    ids=["upcast", "no-upcast", "softcap", "scale-bias", "shift", "sum", "smoothing"],
+)
+def test_finds_head_and_matches_eager(kw):
+    head = LMHead(**kw)
+    hs = torch.randn(2, 7, 16, requires_grad=True)
+    y = torch.randint(0, 200, (2, 7))
+    y[0, :3] = -100
+    gm, ctx, ex = rewrite(head, hs, y)
+    assert len(_heads(ctx, "rewritten")) == 1, ctx.regions
+    assert len(_calls(gm)) == 1
+    assert not [n for n in gm.graph.nodes if n.target is F.cross_entropy]
+    torch.testing.assert_close(gm(*ex)[0], head(hs, y))
+
+
+def test_head_is_not_taken_for_an_mlp():
+    _, ctx, _ = rewrite(LMHead(), torch.randn(1, 5, 16), torch.randint(0, 200, (1, 5)))
+    assert not [r for r in ctx.regions if r.kind == "mlp"]
+
+
+def test_returned_logits_are_routed_to_the_runner():
+    head = LMHead(return_logits=True)
+    _, ctx, _ = rewrite(head, torch.randn(1, 5, 16, requires_grad=True), torch.randint(0, 200, (1, 5)))
+    assert len(_heads(ctx, "rewritten")) == 1
+    (lo,) = ctx.logits_outputs
+    assert lo.mode == "bridge" and lo.slots == [1]
+
+
+def test_logits_only_model_has_nothing_to_fuse():
+    proj = torch.nn.Linear(16, 200)
+    gm, ctx, _ = rewrite(proj, torch.randn(1, 5, 16))
+    assert not _calls(gm) and not _heads(ctx, "rewritten")
+
+
+class WeightedLoss(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 50)
+        self.register_buffer("w", torch.rand(50))
+
+    def forward(self, hs, y):
+        return F.cross_entropy(self.proj(hs).view(-1, 50), y.view(-1), weight=self.w)
+
+
+class LogitsUsedTwice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 50)
+
+    def forward(self, hs, y):
+        logits = self.proj(hs)
+        return F.cross_entropy(logits.view(-1, 50), y.view(-1)) + logits.square().mean()
+
+
+class NoneReduction(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 50)
+
+    def forward(self, hs, y):
+        return F.cross_entropy(self.proj(hs).view(-1, 50), y.view(-1), reduction="none").mean()
+
+
+@pytest.mark.parametrize(
+    "module,why",
+    [(WeightedLoss(), "class weights"), (LogitsUsedTwice(), "also used"), (NoneReduction(), "reduction")],
+    ids=["weighted", "logits-reused", "reduction-none"],
+)
+def test_near_misses_are_left_alone(module, why):
+    hs, y = torch.randn(1, 6, 16), torch.randint(0, 50, (1, 6))
+    gm, ctx, ex = rewrite(module, hs, y)
+    assert not _calls(gm)
+    (r,) = _heads(ctx, "skipped")
+    assert why in r.reason
+    torch.testing.assert_close(gm(*ex)[0], module(hs, y))

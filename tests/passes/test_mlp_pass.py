@@ -1,0 +1,96 @@
+"""Pattern matching on traced graphs: which MLP regions the pass finds, and what it leaves alone."""
+
+import pytest
+import torch
+
+from tests.conftest import rewrite
+from tests.modules import (
+    AddmmMLP,
+    AttentionLike,
+    Block,
+    FusedGateUp,
+    GatedMLP,
+    LeakyIntermediate,
+    PlainMLP,
+    StochasticMLP,
+    TokenMixing,
+)
+
+
+def _mlp_regions(ctx, status):
+    return [r for r in ctx.regions if r.kind == "mlp" and r.status == status]
+
+
+def _op_calls(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "rowwise_call"]
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        GatedMLP(act="silu"),
+        GatedMLP(act="gelu", bias=True),
+        GatedMLP(act="gelu_tanh"),
+        PlainMLP(act="gelu"),
+        PlainMLP(act="relu", bias=False),
+        PlainMLP(act="gelu_tanh"),
+        AddmmMLP(),
+        FusedGateUp(),
+    ],
+    ids=["swiglu", "geglu-bias", "geglu-tanh", "gelu-bias", "relu", "gelu-tanh", "addmm", "fused-gate-up"],
+)
+def test_finds_one_region_and_matches_eager(module):
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    gm, ctx, ex = rewrite(module, x)
+    rewritten = _mlp_regions(ctx, "rewritten")
+    assert len(rewritten) == 1, ctx.regions
+    assert len(_op_calls(gm)) == 1
+    # no widening projection is left in the graph: the whole block is inside the op
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch._C._nn.linear]
+    torch.testing.assert_close(gm(*ex)[0], module(x))
+
+
+def test_one_region_per_layer_in_a_stack():
+    block = Block(GatedMLP(), layers=3)
+    _, ctx, _ = rewrite(block, torch.randn(1, 5, 16))
+    assert len(_mlp_regions(ctx, "rewritten")) == 3
+    assert not _mlp_regions(ctx, "skipped")
+
+
+def test_regions_record_the_nodes_and_chunks():
+    _, ctx, _ = rewrite(GatedMLP(h=16, i=48), torch.randn(1, 5, 16))
+    (r,) = _mlp_regions(ctx, "rewritten")
+    assert r.chunks.startswith("6")  # auto: (48 + 48) / 16 widened features per input feature
+    assert len(r.nodes) == 5  # gate, silu, up, mul, down
+
+
+def test_attention_projections_are_not_mlps():
+    gm, ctx, _ = rewrite(AttentionLike(), torch.randn(1, 6, 16))
+    assert not _op_calls(gm)
+    # the widening kv projection is a candidate, rejected because its output is reshaped into heads
+    (r,) = _mlp_regions(ctx, "skipped")
+    assert "not row-wise" in r.reason
+
+
+@pytest.mark.parametrize(
+    "module,why",
+    [
+        (LeakyIntermediate(), "graph output"),
+        (TokenMixing(), "not row-wise"),
+        (StochasticMLP(), "not row-wise"),
+    ],
+    ids=["leaky", "token-mixing", "dropout"],
+)
+def test_near_misses_are_left_alone(module, why):
+    x = torch.randn(1, 6, 16)
+    gm, ctx, ex = rewrite(module, x)
+    assert not _op_calls(gm)
+    skipped = _mlp_regions(ctx, "skipped")
+    assert skipped and why in skipped[0].reason, ctx.regions
+
+
+def test_disabled_by_config():
+    import mst_compile
+
+    gm, ctx, _ = rewrite(GatedMLP(), torch.randn(1, 5, 16), config=mst_compile.MSTConfig(mlp=False))
+    assert not ctx.regions and not _op_calls(gm)
