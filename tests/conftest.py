@@ -41,4 +41,4 @@ def assert_close_rel(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5, name:
 
 
 def grads(module: torch.nn.Module) -> dict:
-    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+    return {n.replace("_orig_mod.", ""): p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}

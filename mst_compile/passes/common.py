@@ -8,6 +8,7 @@ changes both the forward and the backward that AOTAutograd derives from it.
 from __future__ import annotations
 
 import inspect
+import warnings
 import operator
 from dataclasses import dataclass, field
 
@@ -21,6 +22,16 @@ from ..report import Region
 
 class CantChunk(Exception):
     """A region cannot be rewritten; the message says why. Caught by the pass: the region stays as it was."""
+
+
+def skip(rec: Region, e: Exception) -> None:
+    """Record why a region is left alone. ``CantChunk`` is an expected outcome (logged with the report);
+    any other exception is a bug in a pass, so it also warns (once per region), and the region stays as is."""
+    if isinstance(e, CantChunk):
+        rec.reason = str(e)
+        return
+    rec.reason = f"internal error in the {rec.kind} pass: {type(e).__name__}: {e}"
+    warnings.warn(f"mst: {rec.kind} region at {rec.anchor} skipped: {rec.reason}", stacklevel=3)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from ..ops import registry
 from ..report import Region
 from .common import (
     CantChunk,
+    skip,
     PassContext,
     bind_cross_entropy,
     is_elementwise,
@@ -234,16 +235,30 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
         if bind_cross_entropy(ce) is None or ce in ctx.claimed:
             continue
         rec = Region("head", ce.name, "skipped")
+        ctx.regions.append(rec)
         try:
             m = find_head(ce, ctx)
-            _apply(gm, m, ctx, rec)
-        except CantChunk as e:
-            rec.reason = str(e)
+            plan = _plan(m, ctx)
+        except Exception as e:  # noqa: BLE001 - CantChunk, or a bug: either way this region stays as it was
+            skip(rec, e)
             ctx.claimed.add(ce)
-        ctx.regions.append(rec)
+            continue
+        _apply(gm, m, plan, ctx, rec)  # a failure past this point falls back for the whole graph
 
 
-def _apply(gm: fx.GraphModule, m: HeadMatch, ctx: PassContext, rec: Region) -> None:
+@dataclass
+class HeadPlan:
+    pre_key: str
+    post_key: str
+    needs: list
+    mode: str  # what happens to returned logits: none | bridge | plain | skip
+    num_chunks: int
+    chunk_rows: int
+    label: str
+
+
+def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
+    """Everything that can fail, decided before the graph is touched."""
     h, w, b = linear_args(m.lin)
     hv, wv, lv = tval(h), tval(w), tval(m.lin)
     vocab, hidden = int(wv.shape[0]), int(wv.shape[1])
@@ -260,6 +275,15 @@ def _apply(gm: fx.GraphModule, m: HeadMatch, ctx: PassContext, rec: Region) -> N
         mode = "skip" if cfg.logits == "skip" else ("bridge" if any(needs) else "plain")
     # NOTE [auto chunk count]: one chunk's fp32 logits about the size of the hidden states.
     num_chunks, chunk_rows, label = cfg.chunking(max(1, math.ceil(vocab * 4 / (hidden * hv.element_size()))))
+    return HeadPlan(pre_key, post_key, needs, mode, num_chunks, chunk_rows, label)
+
+
+def _apply(gm: fx.GraphModule, m: HeadMatch, p: HeadPlan, ctx: PassContext, rec: Region) -> None:
+    h, w, b = linear_args(m.lin)
+    hv, wv, lv = tval(h), tval(w), tval(m.lin)
+    vocab, hidden = int(wv.shape[0]), int(wv.shape[1])
+    pre_key, post_key, needs, mode = p.pre_key, p.post_key, p.needs, p.mode
+    num_chunks, chunk_rows, label = p.num_chunks, p.chunk_rows, p.label
     g = gm.graph
     with g.inserting_before(m.ce):
         h_sel = _replay_layout(gm, m, h, hidden, vocab)

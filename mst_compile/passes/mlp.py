@@ -28,6 +28,7 @@ from ..ops import registry
 from ..report import Region
 from .common import (
     CantChunk,
+    skip,
     PassContext,
     check_split_on_last_dim,
     extract_body,
@@ -147,9 +148,11 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
             key = registry.register("mlp", body, int(ev.shape[-1]), ev.dtype)
             num_chunks, chunk_rows, label = ctx.config.chunking(_auto_chunks(x, region))
             _check_body(ctx, key, x, params, ev)
-        except CantChunk as e:
-            rec.reason = str(e)
+        except Exception as e:  # noqa: BLE001 - CantChunk, or a bug: either way this region stays as it was
+            skip(rec, e)
             ctx.regions.append(rec)
+            # the sibling projections of the same input belong to the same (rejected) candidate
+            ctx.claimed.update(u for u in linear_args(start)[0].users if _is_expanding(u, ctx))
             ctx.claimed.add(start)
             continue
         with gm.graph.inserting_before(exit_node):

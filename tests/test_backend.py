@@ -1,0 +1,270 @@
+"""End to end through Dynamo + Inductor: parity with eager, returned logits, options, fallback."""
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import mst_compile
+from mst_compile.bench.models import build_llama
+from tests.conftest import assert_close_rel, grads
+from tests.modules import Block, GatedMLP, LMHead, PlainMLP
+
+TINY = dict(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=320)  # fmt: skip
+
+
+def _llama(seed=0):
+    return build_llama("llama-tiny", seed=seed, **TINY)
+
+
+def _ids(batch=2, seq=23, vocab=320, seed=1, ignore=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels = ids.clone()
+    if ignore:
+        labels[0, :9] = -100  # the whole first chunk(s) of row 0 ignored
+        labels[1, -4:] = -100
+    return ids, labels
+
+
+def _eager(model, ids, labels, extra=None):
+    out = model(input_ids=ids, labels=labels)
+    loss = out.loss + (extra(out.logits) if extra else 0)
+    loss.backward()
+    res = (out.loss.detach(), out.logits.detach(), grads(model))
+    model.zero_grad(set_to_none=True)
+    return res
+
+
+def _check(model, ref, got, logits=True):
+    assert_close_rel(got[0], ref[0], name="loss")
+    if logits:
+        assert_close_rel(got[1], ref[1], name="logits")
+    assert ref[2].keys() == got[2].keys()
+    for n in ref[2]:
+        assert_close_rel(got[2][n], ref[2][n], name=n)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _llama()
+
+
+def test_llama_model_form_parity_and_regions(llama):
+    ids, labels = _ids()
+    ref = _eager(llama, ids, labels)
+    cm = torch.compile(llama, backend="mst", options={"num_chunks": 4})
+    got = _eager(cm, ids, labels)  # 46 tokens in 4 chunks: ragged last chunk
+    _check(llama, ref, got)
+    assert mst_compile.counters["mlp_rewritten"] == 2
+    assert mst_compile.counters["head_rewritten"] == 1
+    assert mst_compile.counters["fallback_compile"] == 0
+    rep = mst_compile.last_report()
+    assert {r.chunks for r in rep.rewritten()} == {"4"}
+    assert "logits=bridge" in rep.rewritten("head")[0].shapes
+
+
+def test_llama_step_form_parity(llama):
+    ids, labels = _ids(ignore=False)
+
+    def step(ids, labels):
+        return llama(input_ids=ids, labels=labels).loss
+
+    ref = _eager(llama, ids, labels)
+    loss = torch.compile(step, backend="mst", options={"num_chunks": 64})(ids, labels)  # more chunks than rows
+    loss.backward()
+    _check(llama, ref, (loss.detach(), None, grads(llama)), logits=False)
+    llama.zero_grad(set_to_none=True)
+    assert mst_compile.counters["head_rewritten"] == 1
+    assert "not returned" in mst_compile.last_report().rewritten("head")[0].shapes
+
+
+def test_user_loss_on_returned_logits_gets_its_gradient(llama):
+    """The logits leave the graph without autograd history; the runner re-attaches their gradient."""
+    ids, labels = _ids(seed=3)
+
+    def extra(logits):
+        return 0.1 * logits.float().square().mean()
+
+    ref = _eager(llama, ids, labels, extra)
+    got = _eager(torch.compile(llama, backend="mst", options={"num_chunks": 3}), ids, labels, extra)
+    _check(llama, ref, got)
+
+
+def test_skip_logits_raises_on_use(llama):
+    ids, labels = _ids()
+    ref = _eager(llama, ids, labels)
+    cm = torch.compile(llama, backend="mst", options={"logits": "skip", "num_chunks": 2})
+    out = cm(input_ids=ids, labels=labels)
+    assert out.logits.shape == (2, 23, 320)
+    with pytest.raises(RuntimeError, match="not materialized"):
+        out.logits.sum()
+    out.loss.backward()
+    _check(llama, ref, (out.loss.detach(), None, grads(llama)), logits=False)
+    llama.zero_grad(set_to_none=True)
+
+
+def test_all_ignored_labels_give_nan_like_eager(llama):
+    ids, _ = _ids()
+    labels = torch.full_like(ids, -100)
+    ref = _eager(llama, ids, labels)
+    got = _eager(torch.compile(llama, backend="mst", options={"num_chunks": 4}), ids, labels)
+    assert torch.isnan(ref[0]) and torch.isnan(got[0])
+    for n in ref[2]:
+        torch.testing.assert_close(got[2][n], ref[2][n], equal_nan=True)
+
+
+def test_no_grad_eval_forward(llama):
+    ids, labels = _ids()
+    llama.eval()
+    try:
+        with torch.no_grad():
+            ref = llama(input_ids=ids, labels=labels)
+            got = torch.compile(llama, backend="mst", options={"num_chunks": 4})(input_ids=ids, labels=labels)
+    finally:
+        llama.train()
+    assert_close_rel(got.loss, ref.loss)
+    assert_close_rel(got.logits, ref.logits)
+    assert mst_compile.counters["mlp_rewritten"] == 2  # forward-only graphs are chunked too
+
+
+class ToyLM(torch.nn.Module):
+    """Every hand-built pattern in one model (one compile): GeGLU+bias, ReLU MLP, softcapped head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(200, 16)
+        self.a = Block(GatedMLP(act="gelu_tanh", bias=True), layers=1)
+        self.b = Block(PlainMLP(act="relu"), layers=1)
+        self.head = LMHead(softcap=4.0, smoothing=0.05, bias=True)
+
+    def forward(self, ids, labels):
+        return self.head(self.b(self.a(self.emb(ids))), labels)
+
+
+def test_hand_built_patterns_parity():
+    torch.manual_seed(0)
+    model = ToyLM()
+    ids, labels = _ids(batch=3, seq=13, vocab=200)
+    model(ids, labels).backward()
+    ref = (None, None, grads(model))
+    model.zero_grad(set_to_none=True)
+    loss_ref = model(ids, labels)
+    loss = torch.compile(model, backend="mst", options={"num_chunks": 5})(ids, labels)
+    loss.backward()
+    assert_close_rel(loss, loss_ref)
+    for n, g in grads(model).items():
+        assert_close_rel(g, ref[2][n], name=n)
+    assert mst_compile.counters["mlp_rewritten"] == 2 and mst_compile.counters["head_rewritten"] == 1
+
+
+# ---- options ---------------------------------------------------------------------------------------------
+
+
+def _first_compile_error(options):
+    f = torch.compile(lambda x: x * 2, backend="mst", options=options)
+    with pytest.raises(Exception) as ei:
+        f(torch.ones(3))
+    err = ei.value
+    return getattr(err, "inner_exception", err)
+
+
+def test_unknown_option_is_a_clear_value_error():
+    err = _first_compile_error({"num_chunk": 4})
+    assert isinstance(err, ValueError)
+    assert "num_chunk" in str(err) and "num_chunks" in str(err)  # names the bad one and the valid ones
+
+
+@pytest.mark.parametrize("options", [{"num_chunks": 0}, {"logits": "none"}, {"num_chunks": 2, "chunk_tokens": 8}])
+def test_bad_option_values(options):
+    assert isinstance(_first_compile_error(options), ValueError)
+
+
+def test_config_and_environment(monkeypatch):
+    monkeypatch.setenv("MST_NUM_CHUNKS", "3")
+    assert mst_compile.get_config().num_chunks == 3
+    with mst_compile.config_context(num_chunks=5, head=False) as cfg:
+        assert cfg.num_chunks == 5 and not cfg.head
+    assert mst_compile.get_config().num_chunks == 3
+    monkeypatch.setenv("MST_MLP", "maybe")
+    with pytest.raises(ValueError, match="MLP|mlp"):
+        mst_compile.get_config()
+
+
+def test_backend_string_works_in_a_fresh_process():
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        f = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2, backend="mst")
+        assert torch.allclose(f(torch.ones(4)), torch.nn.functional.gelu(torch.ones(4)) * 2)
+        print("imported" if "mst_compile" in sys.modules else "not imported")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "imported" in out.stdout
+
+
+# ---- fallback --------------------------------------------------------------------------------------------
+
+
+def test_a_pass_that_crashes_falls_back_to_inductor(monkeypatch):
+    def broken(gm, ctx):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(mst_compile.passes, "PASSES", (("broken", broken),) + mst_compile.passes.PASSES)
+    model = Block(GatedMLP())
+    x = torch.randn(2, 5, 16)
+    with pytest.warns(UserWarning, match="injected"):
+        out = torch.compile(model, backend="mst")(x)
+    torch.testing.assert_close(out, model(x))
+    assert "injected" in mst_compile.last_report().fallback
+
+
+def test_a_region_check_that_crashes_skips_only_that_region(monkeypatch):
+    from mst_compile.passes import mlp
+
+    real = mlp._check_body
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("injected")
+        return real(*a, **k)
+
+    monkeypatch.setattr(mlp, "_check_body", flaky)
+    model = Block(GatedMLP(), layers=2)
+    x = torch.randn(2, 5, 16)
+    with pytest.warns(UserWarning, match="internal error"):
+        out = torch.compile(model, backend="mst", options={"num_chunks": 2})(x)
+    torch.testing.assert_close(out, model(x))
+    rep = mst_compile.last_report()
+    assert len(rep.rewritten("mlp")) == 1 and len(rep.skipped("mlp")) == 1
+
+
+def test_inductor_failure_on_rewritten_graph_falls_back(monkeypatch):
+    from mst_compile import backend
+
+    real = backend._inductor
+    seen = []
+
+    def failing_first(gm, *a, **k):
+        seen.append(gm)
+        if len(seen) == 1:
+            raise RuntimeError("injected codegen failure")
+        return real(gm, *a, **k)
+
+    monkeypatch.setattr(backend, "_inductor", failing_first)
+    model = Block(PlainMLP())
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = torch.compile(model, backend="mst", options={"num_chunks": 2})(x)
+    assert any("injected codegen failure" in str(i.message) for i in w)
+    torch.testing.assert_close(out, model(x))
+    assert mst_compile.counters["fallback_compile"] == 1
