@@ -216,7 +216,7 @@ def test_a_pass_that_crashes_falls_back_to_inductor(monkeypatch):
     def broken(gm, ctx):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(mst_compile.passes, "PASSES", (("broken", broken),) + mst_compile.passes.PASSES)
+    monkeypatch.setattr(mst_compile.passes, "PASSES", (("broken", broken, False),) + mst_compile.passes.PASSES)
     model = Block(GatedMLP())
     x = torch.randn(2, 5, 16)
     with pytest.warns(UserWarning, match="injected"):

@@ -16,21 +16,34 @@ from .common import CantChunk, PassContext
 
 log = logging.getLogger("mst_compile.passes")
 
-#: Normalization first (one spelling of a projection); the head before the MLP: its projection widens
+#: ``(name, rewrite, also inside subgraphs)``. Normalization first (one spelling of a projection); the head before the MLP: its projection widens
 #: too and must not be taken for an MLP.
 PASSES = (
-    ("normalize", normalize.rewrite),
-    ("head_ce", head_ce.rewrite),
-    ("mlp", mlp.rewrite),
+    ("normalize", normalize.rewrite, True),
+    ("head_ce", head_ce.rewrite, False),  # its outputs are the model's outputs: root graph only
+    ("mlp", mlp.rewrite, True),
 )
 
 
+def _subgraphs(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """Graphs nested in higher-order ops (activation checkpointing's ``tag_activation_checkpoint`` bodies)."""
+    return [m for name, m in gm.named_modules() if name and isinstance(m, fx.GraphModule)]
+
+
 def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    for name, fn in PASSES:
-        fn(gm, ctx)
+    """NOTE [checkpointed layers]: under ``gradient_checkpointing_enable()`` Dynamo puts each layer in a
+    ``tag_activation_checkpoint`` subgraph. The MLP pass runs inside those bodies too: the chunked op is then
+    recomputed by the checkpoint (forward chunk by chunk, no ``tokens x intermediate`` tensor) before its own
+    chunked backward, which is the paper's MST + checkpointing configuration."""
+    subs = _subgraphs(gm)
+    for entry in PASSES:
+        name, fn, nested = entry
+        for g in [gm] + (subs if nested else []):
+            fn(g, ctx)
         log.debug("after pass %s:\n%s", name, gm.graph)
-    gm.graph.lint()
-    gm.recompile()
+    for g in [gm] + subs:
+        g.graph.lint()
+        g.recompile()
     return gm
 
 
