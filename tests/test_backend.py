@@ -26,7 +26,7 @@ def _ids(batch=2, seq=23, vocab=320, seed=1, ignore=True):
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
     labels = ids.clone()
     if ignore:
-        labels[0, :9] = -100  # the whole first chunk(s) of row 0 ignored
+        labels[0, :15] = -100  # after the label shift, the whole first chunk (12 tokens) is ignored
         labels[1, -4:] = -100
     return ids, labels
 
