@@ -27,14 +27,27 @@ class Body:
     out_dtype: torch.dtype | None  # None: same dtype as the input
     code: str
     cast_only: bool = False  # the body only converts dtype (or is the identity): ops may take a fused path
+    # NOTE [exit projection]: when >= 0, ``fn`` stops before the region's final projection and the op applies
+    # ``linear(fn(x, *params), params[exit_w], params[exit_b])`` itself. Backward then needs no recompute of
+    # that GEMM: its weight gradient and input gradient come straight from the incoming gradient.
+    exit_w: int = -1
+    exit_b: int = -1
+
+    def __call__(self, x, *params):
+        out = self.fn(x, *params)
+        if self.exit_w >= 0:
+            out = torch.nn.functional.linear(out, params[self.exit_w], params[self.exit_b] if self.exit_b >= 0 else None)
+        return out
 
 
-def register(kind: str, gm: torch.fx.GraphModule, out_features: int, out_dtype: torch.dtype | None) -> str:
+def register(
+    kind: str, gm: torch.fx.GraphModule, out_features: int, out_dtype: torch.dtype | None, exit_w=-1, exit_b=-1
+) -> str:
     code = gm.code
-    digest = hashlib.sha1(f"{kind}|{out_features}|{out_dtype}|{code}".encode()).hexdigest()[:16]
+    digest = hashlib.sha1(f"{kind}|{out_features}|{out_dtype}|{exit_w}|{exit_b}|{code}".encode()).hexdigest()[:16]
     key = f"{kind}:{digest}"
     if key not in _BODIES:
-        _BODIES[key] = Body(gm, out_features, out_dtype, code)
+        _BODIES[key] = Body(gm, out_features, out_dtype, code, exit_w=exit_w, exit_b=exit_b)
     return key
 
 
@@ -48,10 +61,10 @@ def get(key: str) -> Body:
         ) from None
 
 
-def register_fn(kind: str, name: str, fn: Callable, out_features: int = -1, out_dtype=None) -> str:
-    """Register a plain Python function (used by tests and by the identity tail)."""
+def register_fn(kind: str, name: str, fn: Callable, out_features: int = -1, out_dtype=None, exit_w=-1, exit_b=-1) -> str:
+    """Register a plain Python function under ``kind:name`` (the logits body of the head; tests)."""
     key = f"{kind}:{name}"
-    _BODIES[key] = Body(fn, out_features, out_dtype, name)
+    _BODIES[key] = Body(fn, out_features, out_dtype, name, exit_w=exit_w, exit_b=exit_b)
     return key
 
 

@@ -31,7 +31,7 @@ def rowwise(x: torch.Tensor, params: list[torch.Tensor], key: str, num_chunks: i
     out = x.new_empty((x.shape[0], body.out_features), dtype=body.out_dtype or x.dtype)
     with torch.no_grad():
         for s, e in chunk_bounds(x.shape[0], num_chunks, chunk_rows):
-            out[s:e] = body.fn(x[s:e], *params)
+            out[s:e] = body(x[s:e], *params)
     return out
 
 
@@ -56,12 +56,24 @@ def rowwise_backward(
     leaves = [p.detach().requires_grad_(n) for p, n in zip(params, needs[1:])]
     accs = [torch.zeros(p.shape, dtype=acc_dtype(p), device=p.device) if n else None for p, n in zip(params, needs[1:])]
     wanted = [p for p, n in zip(leaves, needs[1:]) if n]
+    inputs_needed = needs[0] or bool(wanted)
     with _compat.autograd_inside_op():
         for s, e in chunk_bounds(x.shape[0], num_chunks, chunk_rows):
             xc = x[s:e].detach().requires_grad_(needs[0])
-            out = body.fn(xc, *leaves)
+            out, g_out = body.fn(xc, *leaves), grad[s:e]
+            if body.exit_w >= 0:  # NOTE [exit projection]
+                mid, w = out.detach(), params[body.exit_w].detach()
+                if needs[1 + body.exit_w]:
+                    accs[body.exit_w].addmm_(g_out.t().to(accs[body.exit_w].dtype), mid.to(accs[body.exit_w].dtype))
+                if body.exit_b >= 0 and needs[1 + body.exit_b]:
+                    accs[body.exit_b] += g_out.sum(0).to(accs[body.exit_b].dtype)
+                g_out = g_out.to(w.dtype) @ w
+            if not inputs_needed or not out.requires_grad:
+                if needs[0]:
+                    gx[s:e] = 0
+                continue
             inputs = ([xc] if needs[0] else []) + wanted
-            grads = list(torch.autograd.grad(out, inputs, grad[s:e], allow_unused=True))
+            grads = list(torch.autograd.grad(out, inputs, g_out, allow_unused=True))
             if needs[0]:
                 g = grads.pop(0)
                 gx[s:e] = 0 if g is None else g

@@ -143,9 +143,12 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
         try:
             x, region, exit_node = find_region(start, ctx)
             params = _params(x, region)
-            body = extract_body(gm.graph, region, [x] + params, exit_node)
+            _, w_exit, b_exit = linear_args(exit_node)
+            body = extract_body(gm.graph, [n for n in region if n is not exit_node], [x] + params, linear_args(exit_node)[0])
             ev = tval(exit_node)
-            key = registry.register("mlp", body, int(ev.shape[-1]), ev.dtype)
+            key = registry.register(
+                "mlp", body, int(ev.shape[-1]), ev.dtype, params.index(w_exit), params.index(b_exit) if b_exit else -1
+            )
             num_chunks, chunk_rows, label = ctx.config.chunking(_auto_chunks(x, region))
             _check_body(ctx, key, x, params, ev)
         except Exception as e:  # noqa: BLE001 - CantChunk, or a bug: either way this region stays as it was
@@ -190,7 +193,7 @@ def _check_body(ctx: PassContext, key: str, x: fx.Node, params: list[fx.Node], e
     mode = getattr(xv, "fake_mode", None)
     try:
         with mode if mode is not None else contextlib.nullcontext():
-            out = registry.get(key).fn(xv.reshape(-1, xv.shape[-1])[:2], *pv)
+            out = registry.get(key)(xv.reshape(-1, xv.shape[-1])[:2], *pv)
     except Exception as e:  # noqa: BLE001 - any failure means: leave the region alone
         raise CantChunk(f"the extracted body does not run on a chunk: {type(e).__name__}: {e}") from e
     if out.dim() != 2 or out.shape[-1] != expect.shape[-1] or out.dtype != expect.dtype:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +11,10 @@ def swiglu(x, wg, wu, wd):
 
 
 KEY = registry.register_fn("test", "swiglu", swiglu, 6, None)
+# the same MLP with the down projection applied by the op itself (NOTE [exit projection])
+EXIT_KEY = registry.register_fn(
+    "test", "swiglu-exit", lambda x, wg, wu, wd: F.silu(F.linear(x, wg)) * F.linear(x, wu), 6, None, exit_w=2
+)
 
 
 def _params(dtype=torch.float64):
@@ -17,11 +22,24 @@ def _params(dtype=torch.float64):
     return [torch.randn(*s, generator=g, dtype=dtype, requires_grad=True) for s in [(20, 6), (20, 6), (6, 20)]]
 
 
-def test_gradcheck_ragged_chunks():
+@pytest.mark.parametrize("key", [KEY, EXIT_KEY], ids=["generic", "exit-projection"])
+def test_gradcheck_ragged_chunks(key):
     x = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
     ps = _params()
     for m in (1, 3, 4, 11, 20):  # ragged, one row per chunk, more chunks than rows
-        assert torch.autograd.gradcheck(lambda x, *p: torch.ops.mst.rowwise(x, list(p), KEY, m, 0), (x, *ps))
+        assert torch.autograd.gradcheck(lambda x, *p: torch.ops.mst.rowwise(x, list(p), key, m, 0), (x, *ps))
+
+
+def test_exit_projection_with_bias_and_frozen_weight():
+    key = registry.register_fn(
+        "test", "plain-exit-bias", lambda x, w1, b1, w2, b2: F.gelu(F.linear(x, w1, b1)), 6, None, exit_w=2, exit_b=3
+    )
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    ps = [torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True) for s in [(20, 6), (20,), (6, 20), (6,)]]
+    ps[2].requires_grad_(False)
+    assert torch.autograd.gradcheck(lambda x, a, b, d: torch.ops.mst.rowwise(x, [a, b, ps[2], d], key, 4, 0),
+                                    (x, ps[0], ps[1], ps[3]))  # fmt: skip
 
 
 def test_matches_unchunked_and_frozen_params():
