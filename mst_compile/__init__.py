@@ -12,13 +12,11 @@ from .backend import mst_backend
 from .config import MSTConfig, config_context, get_config, set_config
 from .report import Region, Report, counters, last_report, reports, reset_counters
 
-backend = mst_backend
 
 __all__ = [
     "MSTConfig",
     "Region",
     "Report",
-    "backend",
     "config_context",
     "counters",
     "get_config",

@@ -56,3 +56,19 @@ class autograd_inside_op:
         self._grad.__exit__(*exc)
         self._guard.__exit__(*exc)
         return False
+
+
+def restart_exceptions() -> tuple[type, ...]:
+    """Exceptions Dynamo uses for control flow (restart the analysis): a backend must let them through."""
+    from torch._dynamo import exc
+
+    return tuple(getattr(exc, n) for n in ("TensorifyScalarRestartAnalysis", "RestartAnalysis") if hasattr(exc, n))
+
+
+def size_hint(n) -> int:
+    """An int for a possibly symbolic size, without installing a guard (for estimates only)."""
+    if isinstance(n, int):
+        return n
+    node = getattr(n, "node", None)
+    hint = getattr(node, "hint", None)
+    return int(hint) if isinstance(hint, int) else 0

@@ -54,6 +54,8 @@ def mst_backend(gm: fx.GraphModule, example_inputs, options: dict | MSTConfig | 
         return _inductor(gm, example_inputs, cfg, mode)
     try:
         compiled = _inductor(new_gm, example_inputs, cfg, mode)
+    except _compat.restart_exceptions():
+        raise  # Dynamo's own control flow, not a failure
     except Exception as e:  # noqa: BLE001
         report.fallback = f"Inductor failed on the rewritten graph: {type(e).__name__}: {e}"
         warnings.warn(f"mst: {report.fallback}; compiling this graph with plain Inductor", stacklevel=2)

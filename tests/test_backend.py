@@ -248,7 +248,7 @@ def test_a_region_check_that_crashes_skips_only_that_region(monkeypatch):
 
 
 def test_inductor_failure_on_rewritten_graph_falls_back(monkeypatch):
-    from mst_compile import backend
+    import mst_compile.backend as backend
 
     real = backend._inductor
     seen = []
@@ -268,3 +268,13 @@ def test_inductor_failure_on_rewritten_graph_falls_back(monkeypatch):
     assert any("injected codegen failure" in str(i.message) for i in w)
     torch.testing.assert_close(out, model(x))
     assert mst_compile.counters["fallback_compile"] == 1
+
+
+def test_dynamic_sequence_length_keeps_chunking_without_recompiles(llama):
+    cm = torch.compile(llama, backend="mst", dynamic=True, options={"num_chunks": 3})
+    for seq in (17, 29, 40):
+        ids, labels = _ids(seq=seq)
+        ref = _eager(llama, ids, labels)
+        _check(llama, ref, _eager(cm, ids, labels))
+    assert mst_compile.counters["graphs"] == 1  # one compile serves every length
+    assert mst_compile.counters["head_rewritten"] == 1 and mst_compile.counters["fallback_compile"] == 0

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .. import _compat
 from ..config import MSTConfig
 from ..report import Region
 
@@ -138,10 +139,7 @@ def is_weight_like(n) -> bool:
 def numel_bytes(t: torch.Tensor | None) -> int:
     if t is None:
         return 0
-    try:
-        return int(t.numel()) * t.element_size()
-    except Exception:  # symbolic sizes
-        return 0
+    return _compat.size_hint(t.numel()) * t.element_size()
 
 
 def bind_cross_entropy(n: fx.Node) -> dict | None:

@@ -18,7 +18,6 @@ at a time, in forward and again (recomputed) in backward.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -185,17 +184,18 @@ def _params(x: fx.Node, region: list[fx.Node]) -> list[fx.Node]:
 
 
 def _check_body(ctx: PassContext, key: str, x: fx.Node, params: list[fx.Node], expect) -> None:
-    """Run the extracted body once on fake values: it must give ``[rows, out]`` of the region's dtype."""
+    """Run the extracted body once on a 2-row meta chunk: it must give ``[rows, out]`` of the region's dtype.
+
+    Meta tensors, not the graph's fake values: a check must not install shape guards (dynamic shapes)."""
     xv = tval(x)
     pv = [tval(p) for p in params]
     if xv is None or any(p is None for p in pv):
         raise CantChunk("missing fake values for the region's inputs")
-    mode = getattr(xv, "fake_mode", None)
     try:
-        with mode if mode is not None else contextlib.nullcontext():
-            out = registry.get(key)(xv.reshape(-1, xv.shape[-1])[:2], *pv)
+        xm = torch.empty((2, xv.shape[-1]), dtype=xv.dtype, device="meta")
+        pm = [torch.empty(tuple(p.shape), dtype=p.dtype, device="meta") for p in pv]
+        out = registry.get(key)(xm, *pm)
     except Exception as e:  # noqa: BLE001 - any failure means: leave the region alone
         raise CantChunk(f"the extracted body does not run on a chunk: {type(e).__name__}: {e}") from e
     if out.dim() != 2 or out.shape[-1] != expect.shape[-1] or out.dtype != expect.dtype:
         raise CantChunk(f"the extracted body gives {tuple(out.shape)} {out.dtype}, expected [rows, {expect.shape[-1]}]")
-
