@@ -29,6 +29,8 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _inductor(gm, example_inputs, cfg: MSTConfig, mode: str | None):
+    if cfg.compiler == "aot_eager":
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
     patches.update(cfg.inductor)
     return _compat.compile_fx(gm, example_inputs, config_patches=patches or None)

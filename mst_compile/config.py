@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 LOGITS_MODES = ("full", "skip")
+COMPILERS = ("inductor", "aot_eager")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class MSTConfig:
     - ``min_expansion``: a linear must widen its input by at least this factor to start an MLP region.
     - ``inductor``: options passed through to Inductor's ``compile_fx`` (``torch._inductor.config`` keys).
     - ``enabled``: ``False`` compiles exactly as plain Inductor would (an A/B switch).
+    - ``compiler``: what compiles the rewritten graph: ``"inductor"`` (default), or ``"aot_eager"`` (AOTAutograd
+      without code generation: fast, for debugging and tests).
     """
 
     mlp: bool = True
@@ -41,6 +44,7 @@ class MSTConfig:
     min_expansion: float = 1.5
     inductor: dict = field(default_factory=dict)
     enabled: bool = True
+    compiler: str = "inductor"
 
     def __post_init__(self):
         _check_int("num_chunks", self.num_chunks)
@@ -55,6 +59,8 @@ class MSTConfig:
                 raise ValueError(f"mst: option {name!r} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.min_expansion, (int, float)) or self.min_expansion <= 1.0:
             raise ValueError(f"mst: option 'min_expansion' must be a number > 1, got {self.min_expansion!r}")
+        if self.compiler not in COMPILERS:
+            raise ValueError(f"mst: option 'compiler' must be one of {COMPILERS}, got {self.compiler!r}")
         if not isinstance(self.inductor, dict):
             raise ValueError(f"mst: option 'inductor' must be a dict of Inductor config keys, got {self.inductor!r}")
 
@@ -86,6 +92,7 @@ _ENV = {
     "MST_LOGITS": "logits",
     "MST_MIN_CHUNK_TOKENS": "min_chunk_tokens",
     "MST_MIN_EXPANSION": "min_expansion",
+    "MST_COMPILER": "compiler",
 }
 _default: MSTConfig | None = None
 

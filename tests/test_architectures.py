@@ -1,0 +1,36 @@
+"""Every architecture of the zoo: one region per layer's MLP plus the head, loss/logits/gradients = eager.
+
+Runs the rewritten graphs through AOTAutograd without code generation (``compiler="aot_eager"``) to stay fast;
+``test_backend.py`` covers the same ops through Inductor.
+"""
+
+import pytest
+import torch
+
+import mst_compile
+from mst_compile.bench import zoo
+from tests.conftest import assert_close_rel, grads
+
+
+@pytest.mark.parametrize("name", [*zoo.ARCHS, "nanogpt"])
+def test_architecture(name):
+    model = zoo.build(name)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, zoo.V, (2, 19), generator=g)
+    labels = ids.clone()
+    labels[1, :7] = -100 if name != "nanogpt" else -1
+    ref_loss, ref_logits = zoo.loss_fn(name, model, ids, labels)
+    ref_loss.backward()
+    ref = grads(model)
+    model.zero_grad(set_to_none=True)
+    cm = torch.compile(model, backend="mst", options={"num_chunks": 3, "compiler": "aot_eager"})
+    loss, logits = zoo.loss_fn(name, cm, ids, labels)
+    loss.backward()
+    c = mst_compile.counters
+    assert (c["mlp_rewritten"], c["head_rewritten"]) == (zoo.L, 1), [str(r) for r in mst_compile.reports()]
+    assert_close_rel(loss, ref_loss, name="loss")
+    assert_close_rel(logits, ref_logits, name="logits")
+    got = grads(model)
+    assert got.keys() == ref.keys()
+    for n in ref:
+        assert_close_rel(got[n], ref[n], name=n)
