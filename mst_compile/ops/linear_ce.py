@@ -59,25 +59,30 @@ def linear_ce(
     dw = torch.zeros(w.shape, dtype=acc_dtype(w), device=w.device) if need_w else w.new_empty(_EMPTY)
     db = torch.zeros(b.shape, dtype=acc_dtype(b), device=b.device) if need_b else h.new_empty(_EMPTY)
     fused = pre.cast_only and post.cast_only
+    # NOTE [autocast]: under autocast the projection runs in the autocast dtype; casting h, w, b once to that
+    # "compute dtype" is what autocast does for linear, and the gradient GEMMs then run in it too.
+    cd = pre.autocast[1] if pre.autocast else w.dtype
+    wc, bc = w.to(cd), None if b is None else b.to(cd)
     for s, e in chunk_bounds(rows, num_chunks, chunk_rows):
-        hc = h[s:e]
-        z = F.linear(hc, w, b)
+        hc = h[s:e].to(cd)
+        z = F.linear(hc, wc, bc)
         if fused:
             if want_logits:
                 logits[s:e] = z
             loss, gz = fused_cross_entropy(z.to(post.out_dtype), labels[s:e], ignore_index, label_smoothing, grad)
-            gz = None if gz is None else gz.to(z.dtype)
+            gz = None if gz is None else gz.to(cd)
         else:
             loss, gz = _tail_cross_entropy(z, labels[s:e], pre, post, logits[s:e] if want_logits else None,
                                            ignore_index, label_smoothing, grad)  # fmt: skip
+            gz = None if gz is None else gz.to(cd)
         del z
         loss_sum += loss
         if not grad:
             continue
         if need_h:
-            torch.matmul(gz, w, out=dh[s:e]) if dh.dtype == w.dtype else dh[s:e].copy_(gz @ w)
+            torch.matmul(gz, wc, out=dh[s:e]) if dh.dtype == cd else dh[s:e].copy_(gz @ wc)
         if need_w:
-            dw.addmm_(gz.t().to(dw.dtype), hc.to(dw.dtype))
+            dw.addmm_(gz.t(), hc) if dw.dtype == cd else dw.add_(torch.mm(gz.t(), hc))
         if need_b:
             db += gz.sum(0).to(db.dtype)
     count = (labels != ignore_index).sum()
@@ -113,7 +118,7 @@ def fused_cross_entropy(zf, y, ignore_index: int, eps: float, grad: bool):
 
 def _tail_cross_entropy(z, y, pre, post, logits_out, ignore_index: int, eps: float, grad: bool):
     """Any row-wise tail (softcap, scaling): cross-entropy through autograd, gradient w.r.t. ``z``."""
-    with _compat.autograd_inside_op():
+    with _compat.autograd_inside_op(), pre.amp():
         zr = z.requires_grad_(grad)
         lg = pre.fn(zr)
         if logits_out is not None:

@@ -9,6 +9,7 @@ graph agree on what each key means.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from typing import Callable
@@ -32,22 +33,36 @@ class Body:
     # that GEMM: its weight gradient and input gradient come straight from the incoming gradient.
     exit_w: int = -1
     exit_b: int = -1
+    # NOTE [autocast]: ``(device_type, dtype)`` when the region ran under autocast in the user's graph. The op is
+    # opaque to autocast, so it re-enters the same autocast around the body (forward and recompute).
+    autocast: tuple | None = None
+
+    def amp(self):
+        return torch.autocast(self.autocast[0], self.autocast[1]) if self.autocast else contextlib.nullcontext()
+
+    def inner(self, x, *params):
+        """The body up to (not including) the exit projection, under the region's autocast."""
+        with self.amp():
+            return self.fn(x, *params)
 
     def __call__(self, x, *params):
-        out = self.fn(x, *params)
-        if self.exit_w >= 0:
-            out = torch.nn.functional.linear(out, params[self.exit_w], params[self.exit_b] if self.exit_b >= 0 else None)
+        with self.amp():
+            out = self.fn(x, *params)
+            if self.exit_w >= 0:
+                b = params[self.exit_b] if self.exit_b >= 0 else None
+                out = torch.nn.functional.linear(out, params[self.exit_w], b)
         return out
 
 
 def register(
-    kind: str, gm: torch.fx.GraphModule, out_features: int, out_dtype: torch.dtype | None, exit_w=-1, exit_b=-1
-) -> str:
+    kind: str, gm: torch.fx.GraphModule, out_features: int, out_dtype: torch.dtype | None, exit_w=-1, exit_b=-1,
+    autocast=None,
+) -> str:  # fmt: skip
     code = gm.code
-    digest = hashlib.sha1(f"{kind}|{out_features}|{out_dtype}|{exit_w}|{exit_b}|{code}".encode()).hexdigest()[:16]
-    key = f"{kind}:{digest}"
+    text = f"{kind}|{out_features}|{out_dtype}|{exit_w}|{exit_b}|{autocast}|{code}"
+    key = f"{kind}:{hashlib.sha1(text.encode()).hexdigest()[:16]}"
     if key not in _BODIES:
-        _BODIES[key] = Body(gm, out_features, out_dtype, code, exit_w=exit_w, exit_b=exit_b)
+        _BODIES[key] = Body(gm, out_features, out_dtype, code, exit_w=exit_w, exit_b=exit_b, autocast=autocast)
     return key
 
 
@@ -61,16 +76,18 @@ def get(key: str) -> Body:
         ) from None
 
 
-def register_fn(kind: str, name: str, fn: Callable, out_features: int = -1, out_dtype=None, exit_w=-1, exit_b=-1) -> str:
+def register_fn(
+    kind: str, name: str, fn: Callable, out_features: int = -1, out_dtype=None, exit_w=-1, exit_b=-1, autocast=None
+) -> str:
     """Register a plain Python function under ``kind:name`` (the logits body of the head; tests)."""
-    key = f"{kind}:{name}"
-    _BODIES[key] = Body(fn, out_features, out_dtype, name, exit_w=exit_w, exit_b=exit_b)
+    key = f"{kind}:{name}|{autocast}"
+    _BODIES[key] = Body(fn, out_features, out_dtype, name, exit_w=exit_w, exit_b=exit_b, autocast=autocast)
     return key
 
 
-def register_cast(dtype: torch.dtype) -> str:
+def register_cast(dtype: torch.dtype, autocast=None) -> str:
     """The body ``z -> z.to(dtype)`` (the identity when ``z`` already has that dtype)."""
-    key = f"cast:{dtype}"
+    key = f"cast:{dtype}|{autocast}"
     if key not in _BODIES:
-        _BODIES[key] = Body(lambda z: z.to(dtype), -1, dtype, key, cast_only=True)
+        _BODIES[key] = Body(lambda z: z.to(dtype), -1, dtype, key, cast_only=True, autocast=autocast)
     return key

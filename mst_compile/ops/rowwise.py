@@ -60,14 +60,19 @@ def rowwise_backward(
     with _compat.autograd_inside_op():
         for s, e in chunk_bounds(x.shape[0], num_chunks, chunk_rows):
             xc = x[s:e].detach().requires_grad_(needs[0])
-            out, g_out = body.fn(xc, *leaves), grad[s:e]
-            if body.exit_w >= 0:  # NOTE [exit projection]
-                mid, w = out.detach(), params[body.exit_w].detach()
+            out, g_out = body.inner(xc, *leaves), grad[s:e]
+            if body.exit_w >= 0:  # NOTE [exit projection]; the GEMMs run in the body's compute dtype
+                mid = out.detach()
+                cd = mid.dtype
                 if needs[1 + body.exit_w]:
-                    accs[body.exit_w].addmm_(g_out.t().to(accs[body.exit_w].dtype), mid.to(accs[body.exit_w].dtype))
+                    acc = accs[body.exit_w]
+                    if acc.dtype == cd:
+                        acc.addmm_(g_out.t().to(cd), mid)
+                    else:  # low-precision GEMM, fp32 accumulation across chunks
+                        acc.add_(torch.mm(g_out.t().to(cd), mid))
                 if body.exit_b >= 0 and needs[1 + body.exit_b]:
                     accs[body.exit_b] += g_out.sum(0).to(accs[body.exit_b].dtype)
-                g_out = g_out.to(w.dtype) @ w
+                g_out = g_out.to(cd) @ params[body.exit_w].detach().to(cd)
             if not inputs_needed or not out.requires_grad:
                 if needs[0]:
                     gx[s:e] = 0

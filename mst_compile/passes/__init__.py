@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import fx
-
-from ..report import Region
 
 from . import head_ce, mlp, normalize
 from .common import CantChunk, PassContext
@@ -33,27 +30,12 @@ def _subgraphs(gm: fx.GraphModule) -> list[fx.GraphModule]:
     return [m for name, m in gm.named_modules() if name and isinstance(m, fx.GraphModule)]
 
 
-def _unsupported(gm: fx.GraphModule, subs: list[fx.GraphModule]) -> str:
-    """A reason to leave the whole graph alone, or ''."""
-    if any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
-        return "autocast is active around the compiled region (mixed precision is not chunked yet)"
-    for g in [gm] + subs:
-        for n in g.graph.nodes:
-            if n.op == "call_function" and "autocast" in getattr(n.target, "__name__", ""):
-                return "the graph enters autocast (mixed precision is not chunked yet)"
-    return ""
-
-
 def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """NOTE [checkpointed layers]: under ``gradient_checkpointing_enable()`` Dynamo puts each layer in a
     ``tag_activation_checkpoint`` subgraph. The MLP pass runs inside those bodies too: the chunked op is then
     recomputed by the checkpoint (forward chunk by chunk, no ``tokens x intermediate`` tensor) before its own
     chunked backward, which is the paper's MST + checkpointing configuration."""
     subs = _subgraphs(gm)
-    why = _unsupported(gm, subs)
-    if why:
-        ctx.regions.append(Region("graph", "*", "skipped", why))
-        return gm
     for entry in PASSES:
         name, fn, nested = entry
         for g in [gm] + (subs if nested else []):

@@ -187,3 +187,39 @@ def check_split_on_last_dim(n: fx.Node) -> None:
     d = split_dim(n)
     if v is None or d not in (-1, v.dim() - 1):
         raise CantChunk(f"{n.name} splits along dim {d}, not the feature dimension")
+
+
+def _ambient_autocast() -> tuple | None:
+    for device in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(device):
+            return (device, torch.get_autocast_dtype(device))
+    return None
+
+
+def autocast_states(graph: fx.Graph) -> dict:
+    """``node -> (device_type, dtype) | None``: the autocast each node runs under.
+
+    Dynamo records ``with torch.autocast(...)`` inside the compiled code as ``_enter_autocast`` /
+    ``_exit_autocast`` calls; autocast already on around the compiled call is the ambient state (Dynamo guards
+    on it, so it is the state at run time too)."""
+    stack = [_ambient_autocast()]
+    states = {}
+    for n in graph.nodes:
+        name = getattr(n.target, "__name__", "") if n.op == "call_function" else ""
+        if name == "_enter_autocast":
+            device, dtype, enabled = (list(n.args) + [None, None, True])[:3]
+            if dtype is None and enabled:
+                dtype = torch.get_autocast_dtype(device)
+            stack.append((device, dtype) if enabled else None)
+        elif name == "_exit_autocast" and len(stack) > 1:
+            stack.pop()
+        states[n] = stack[-1]
+    return states
+
+
+def region_autocast(nodes, states: dict) -> tuple | None:
+    """The one autocast state of a region's nodes; a region straddling an autocast boundary can't be chunked."""
+    found = {states.get(n) for n in nodes}
+    if len(found) > 1:
+        raise CantChunk(f"the region crosses an autocast boundary ({sorted(map(str, found))})")
+    return found.pop() if found else None

@@ -35,6 +35,8 @@ from ..ops import registry
 from ..report import Region
 from .common import (
     CantChunk,
+    autocast_states,
+    region_autocast,
     skip,
     PassContext,
     bind_cross_entropy,
@@ -199,20 +201,20 @@ def _replay_layout(gm: fx.GraphModule, m: HeadMatch, h: fx.Node, hidden: int, vo
     return cur
 
 
-def _body(nodes: list[fx.Node], kind: str, dtype: torch.dtype) -> str:
+def _body(nodes: list[fx.Node], kind: str, dtype: torch.dtype, amp) -> str:
     """Register the elementwise ops among ``nodes`` (layout ops dropped) as a one-input body."""
     ops = [n for n in nodes if _layout_kind(n) is None]
     if not ops:
-        return registry.register_cast(dtype)
+        return registry.register_cast(dtype, amp)
     if len(ops) == 1 and _cast_dtype(ops[0]) is not None:
-        return registry.register_cast(_cast_dtype(ops[0]))
+        return registry.register_cast(_cast_dtype(ops[0]), amp)
     g = fx.Graph()
     cur = g.placeholder("z")
     for n in ops:
         cur = g.node_copy(n, lambda a, cur=cur: cur)
     g.output(cur)
     out = tval(ops[-1])
-    return registry.register(kind, fx.GraphModule(torch.nn.Module(), g), int(out.shape[-1]), out.dtype)
+    return registry.register(kind, fx.GraphModule(torch.nn.Module(), g), int(out.shape[-1]), out.dtype, autocast=amp)
 
 
 def _cast_dtype(n: fx.Node) -> torch.dtype | None:
@@ -265,8 +267,9 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
     split = m.chain.index(m.exposed) + 1 if m.exposed in m.chain else 0
     pre_nodes, post_nodes = m.chain[:split], m.chain[split:]
     _check_tail_inputs(m.chain, m.lin)
-    pre_key = _body(pre_nodes, "pre", lv.dtype)
-    post_key = _body(post_nodes, "post", tval(m.exposed).dtype if m.exposed is not None else lv.dtype)
+    amp = region_autocast([m.lin] + m.chain, autocast_states(m.lin.graph))
+    pre_key = _body(pre_nodes, "pre", lv.dtype, amp)
+    post_key = _body(post_nodes, "post", tval(m.exposed).dtype if m.exposed is not None else lv.dtype, amp)
     cfg = ctx.config
     grad = ctx.grad_enabled
     needs = [bool(grad and v is not None and v.requires_grad) for v in (hv, wv, tval(b))]
@@ -328,8 +331,9 @@ def _route_logits_output(gm, m, ctx, mode, logits, loss, h, w, b, pre_key, num_c
     out.args = (tuple(flat),)
     lv = tval(m.exposed)
     logits_key = registry.register_fn(
-        "logits", f"{pre_key}|bias={b is not None}", _logits_body(pre_key), int(lv.shape[-1]), lv.dtype
-    )
+        "logits", f"{pre_key}|bias={b is not None}", _logits_body(pre_key), int(lv.shape[-1]), lv.dtype,
+        autocast=registry.get(pre_key).autocast,
+    )  # fmt: skip
     ctx.logits_outputs.append(
         LogitsOutput(
             slots, mode, list(range(extra_start, extra_start + len(extras))) if mode != "plain" else [],

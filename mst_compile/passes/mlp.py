@@ -23,10 +23,13 @@ import math
 import torch
 from torch import fx
 
+from .. import _compat
 from ..ops import registry
 from ..report import Region
 from .common import (
     CantChunk,
+    autocast_states,
+    region_autocast,
     skip,
     PassContext,
     check_split_on_last_dim,
@@ -145,9 +148,11 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
             _, w_exit, b_exit = linear_args(exit_node)
             body = extract_body(gm.graph, [n for n in region if n is not exit_node], [x] + params, linear_args(exit_node)[0])
             ev = tval(exit_node)
+            amp = region_autocast(region, autocast_states(gm.graph))
             key = registry.register(
-                "mlp", body, int(ev.shape[-1]), ev.dtype, params.index(w_exit), params.index(b_exit) if b_exit else -1
-            )
+                "mlp", body, int(ev.shape[-1]), ev.dtype, params.index(w_exit), params.index(b_exit) if b_exit else -1,
+                autocast=amp,
+            )  # fmt: skip
             num_chunks, chunk_rows, label = ctx.config.chunking(_auto_chunks(x, region))
             _check_body(ctx, key, x, params, ev)
         except Exception as e:  # noqa: BLE001 - CantChunk, or a bug: either way this region stays as it was
@@ -184,17 +189,19 @@ def _params(x: fx.Node, region: list[fx.Node]) -> list[fx.Node]:
 
 
 def _check_body(ctx: PassContext, key: str, x: fx.Node, params: list[fx.Node], expect) -> None:
-    """Run the extracted body once on a 2-row meta chunk: it must give ``[rows, out]`` of the region's dtype.
+    """Run the extracted body once on a 2-row fake chunk: it must give ``[rows, out]`` of the region's dtype.
 
-    Meta tensors, not the graph's fake values: a check must not install shape guards (dynamic shapes)."""
+    A fresh FakeTensorMode, not the graph's fake values: a check must not install shape guards (dynamic
+    shapes); fake tensors keep their device, so autocast applies as it will at run time."""
     xv = tval(x)
     pv = [tval(p) for p in params]
     if xv is None or any(p is None for p in pv):
         raise CantChunk("missing fake values for the region's inputs")
     try:
-        xm = torch.empty((2, xv.shape[-1]), dtype=xv.dtype, device="meta")
-        pm = [torch.empty(tuple(p.shape), dtype=p.dtype, device="meta") for p in pv]
-        out = registry.get(key)(xm, *pm)
+        with _compat.FakeTensorMode():
+            xm = torch.empty((2, xv.shape[-1]), dtype=xv.dtype, device=xv.device)
+            pm = [torch.empty(tuple(p.shape), dtype=p.dtype, device=p.device) for p in pv]
+            out = registry.get(key)(xm, *pm)
     except Exception as e:  # noqa: BLE001 - any failure means: leave the region alone
         raise CantChunk(f"the extracted body does not run on a chunk: {type(e).__name__}: {e}") from e
     if out.dim() != 2 or out.shape[-1] != expect.shape[-1] or out.dtype != expect.dtype:

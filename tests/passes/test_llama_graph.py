@@ -48,13 +48,3 @@ def test_config_switches():
     _, ctx, _ = rewrite(lambda i: model(input_ids=i, labels=i).loss, ids, config=mst_compile.MSTConfig(head=False))
     assert {r.kind for r in ctx.regions if r.status == "rewritten"} == {"mlp"}
 
-
-def test_autocast_graphs_are_left_alone():
-    model, ids = _graph()
-
-    def step(i):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return model(input_ids=i, labels=i).loss
-
-    gm, ctx, _ = rewrite(step, ids)
-    assert [r.kind for r in ctx.regions] == ["graph"] and "autocast" in ctx.regions[0].reason
