@@ -22,7 +22,7 @@ FORMS = ("step", "model")
 
 def prepare(arm: str, form: str, model, options: dict | None = None):
     """The callable ``ids -> loss (and the output object kept alive)`` for one arm and form."""
-    if arm in ("hf_ckpt", "compile_ckpt", "mst_ckpt"):
+    if arm in ("hf_ckpt", "compile_ckpt", "mst_ckpt") and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if arm == "auto_chunker":
         _compat.inductor_config().auto_chunker.enable = True
@@ -30,18 +30,19 @@ def prepare(arm: str, form: str, model, options: dict | None = None):
     if arm in ("mst", "mst_ckpt"):
         backend = "mst"
     kwargs = {"options": options} if (backend == "mst" and options) else {}
+    nano = not hasattr(model, "config")  # the plain nanoGPT: model(idx, targets) -> (loss, logits)
 
     if form == "model":
         target = model if backend is None else torch.compile(model, backend=backend, **kwargs)
 
         def run(ids):
-            out = target(input_ids=ids, labels=ids)
-            return out.loss, out
+            out = target(input_ids=ids, labels=ids) if not nano else target(ids, ids)
+            return (out.loss, out) if not nano else (out[0], out)
 
     else:
 
         def loss_fn(ids):
-            return model(input_ids=ids, labels=ids).loss
+            return model(input_ids=ids, labels=ids).loss if not nano else model(ids, ids)[0]
 
         target = loss_fn if backend is None else torch.compile(loss_fn, backend=backend, **kwargs)
 
@@ -63,9 +64,15 @@ def main(argv=None) -> None:
     p.add_argument("--options", default="", help="JSON dict of mst options")
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    model = build_llama(a.model).to(a.device, getattr(torch, a.dtype))
+    if a.model.startswith("zoo:"):  # zoo:<arch>: an architecture of the zoo at 8x its test size, V=32000
+        from . import zoo
+
+        model = zoo.build(a.model[4:], scale=8, vocab=32000).to(a.device, getattr(torch, a.dtype))
+    else:
+        model = build_llama(a.model).to(a.device, getattr(torch, a.dtype))
     model.train()
-    ids = token_batch(a.tokens, model.config.vocab_size).to(a.device)
+    vocab = model.config.vocab_size if hasattr(model, "config") else model.lm_head.out_features
+    ids = token_batch(a.tokens, vocab).to(a.device)
     run = prepare(a.arm, a.form, model, json.loads(a.options) if a.options else None)
 
     def step():

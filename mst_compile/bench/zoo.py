@@ -26,19 +26,23 @@ ARCHS = {
 }
 
 
-def build(name: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny model of architecture ``name`` (``ARCHS`` or ``"nanogpt"``), in train mode."""
+def build(name: str, seed: int = 0, scale: int = 1, vocab: int = V) -> torch.nn.Module:
+    """A tiny model of architecture ``name`` (``ARCHS`` or ``"nanogpt"``), in train mode.
+
+    ``scale`` multiplies the hidden and intermediate sizes (the benchmark's architecture table uses 8)."""
     torch.manual_seed(seed)
+    h, i = H * scale, I * scale
     if name == "nanogpt":
         from .nanogpt import NanoGPT
 
-        return NanoGPT(vocab=V, dim=H, layers=L, heads=4).train()
+        return NanoGPT(vocab=vocab, dim=h, layers=L, heads=4).train()
     import transformers
 
     cfg_name, model_name, over = ARCHS[name]
-    kw = dict(_COMMON, **over)
+    kw = dict(_COMMON, **over, hidden_size=h, intermediate_size=i, vocab_size=vocab)
     if name == "gpt2":
-        kw = dict(vocab_size=V, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **over)
+        over = dict(over, n_embd=h, n_inner=4 * h)
+        kw = dict(vocab_size=vocab, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **over)
     cfg = getattr(transformers, cfg_name)(**kw)
     model = getattr(transformers, model_name)(cfg).train()
     if getattr(model, "loss_type", "") is None:
