@@ -33,6 +33,7 @@ class MSTConfig:
     - ``enabled``: ``False`` compiles exactly as plain Inductor would (an A/B switch).
     - ``compiler``: what compiles the rewritten graph: ``"inductor"`` (default), or ``"aot_eager"`` (AOTAutograd
       without code generation: fast, for debugging and tests).
+    - ``dump_dir``: write each graph's code before and after every pass into this folder.
     """
 
     mlp: bool = True
@@ -45,6 +46,7 @@ class MSTConfig:
     inductor: dict = field(default_factory=dict)
     enabled: bool = True
     compiler: str = "inductor"
+    dump_dir: str | None = None
 
     def __post_init__(self):
         _check_int("num_chunks", self.num_chunks)
@@ -67,13 +69,19 @@ class MSTConfig:
     def replace(self, **changes: Any) -> "MSTConfig":
         return dataclasses.replace(self, **changes)
 
-    def chunking(self, auto_chunks: int) -> tuple[int, int, str]:
-        """``(num_chunks, chunk_rows, label)`` for the chunked ops, given the shape-derived chunk count."""
+    def chunking(self, auto_chunks: int, rows=None) -> tuple[int, int, str]:
+        """``(num_chunks, chunk_rows, label)`` for the chunked ops, given the shape-derived chunk count.
+
+        ``label`` is the chunk count the op will use when ``rows`` (tokens) is a known int, else the rule."""
+        from .ops.chunking import num_chunks_for
+
         if self.num_chunks:
-            return self.num_chunks, 0, str(self.num_chunks)
-        if self.chunk_tokens:
-            return 0, self.chunk_tokens, f"tokens/{self.chunk_tokens}"
-        return auto_chunks, self.min_chunk_tokens, f"{auto_chunks}(min {self.min_chunk_tokens} tokens)"
+            m, r, rule = self.num_chunks, 0, str(self.num_chunks)
+        elif self.chunk_tokens:
+            m, r, rule = 0, self.chunk_tokens, f"one per {self.chunk_tokens} tokens"
+        else:
+            m, r, rule = auto_chunks, self.min_chunk_tokens, f"{auto_chunks}, >= {self.min_chunk_tokens} tokens each"
+        return m, r, str(num_chunks_for(rows, m, r)) if isinstance(rows, int) else rule
 
 
 def _check_int(name: str, value) -> None:
@@ -93,6 +101,7 @@ _ENV = {
     "MST_MIN_CHUNK_TOKENS": "min_chunk_tokens",
     "MST_MIN_EXPANSION": "min_expansion",
     "MST_COMPILER": "compiler",
+    "MST_DUMP_DIR": "dump_dir",
 }
 _default: MSTConfig | None = None
 

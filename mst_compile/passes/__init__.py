@@ -7,7 +7,9 @@ A region that raises :class:`CantChunk` is left exactly as it was.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 
 from torch import fx
 
@@ -30,17 +32,39 @@ def _subgraphs(gm: fx.GraphModule) -> list[fx.GraphModule]:
     return [m for name, m in gm.named_modules() if name and isinstance(m, fx.GraphModule)]
 
 
+_dump_count = itertools.count()
+
+
+def _dumper(ctx: PassContext):
+    """``dump(stage, *graphs)``: write the graphs' code to ``config.dump_dir`` (a no-op when it is unset)."""
+    if not ctx.config.dump_dir:
+        return lambda *a: None
+    folder = ctx.config.dump_dir
+    os.makedirs(folder, exist_ok=True)
+    graph_id = next(_dump_count)
+
+    def dump(stage, *graphs):
+        with open(os.path.join(folder, f"graph{graph_id:03d}_{stage}.py"), "w") as f:
+            for g in graphs:
+                g.recompile()
+                f.write(g.code + "\n")
+
+    return dump
+
+
 def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """NOTE [checkpointed layers]: under ``gradient_checkpointing_enable()`` Dynamo puts each layer in a
     ``tag_activation_checkpoint`` subgraph. The MLP pass runs inside those bodies too: the chunked op is then
     recomputed by the checkpoint (forward chunk by chunk, no ``tokens x intermediate`` tensor) before its own
     chunked backward, which is the paper's MST + checkpointing configuration."""
     subs = _subgraphs(gm)
-    for entry in PASSES:
-        name, fn, nested = entry
+    dump = _dumper(ctx)
+    dump("0_input", gm)
+    for i, (name, fn, nested) in enumerate(PASSES, 1):
         for g in [gm] + (subs if nested else []):
             fn(g, ctx)
         log.debug("after pass %s:\n%s", name, gm.graph)
+        dump(f"{i}_{name}", gm, *subs)
     for g in [gm] + subs:
         g.graph.lint()
         g.recompile()

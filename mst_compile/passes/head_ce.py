@@ -277,7 +277,8 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
     if m.exposed is not None:
         mode = "skip" if cfg.logits == "skip" else ("bridge" if any(needs) else "plain")
     # NOTE [auto chunk count]: one chunk's fp32 logits about the size of the hidden states.
-    num_chunks, chunk_rows, label = cfg.chunking(max(1, math.ceil(vocab * 4 / (hidden * hv.element_size()))))
+    rows = math.prod(hv.shape[:-1]) if all(isinstance(d, int) for d in hv.shape[:-1]) else None
+    num_chunks, chunk_rows, label = cfg.chunking(max(1, math.ceil(vocab * 4 / (hidden * hv.element_size()))), rows)
     return HeadPlan(pre_key, post_key, needs, mode, num_chunks, chunk_rows, label)
 
 
@@ -307,8 +308,9 @@ def _apply(gm: fx.GraphModule, m: HeadMatch, p: HeadPlan, ctx: PassContext, rec:
     rec.status, rec.chunks = "rewritten", label
     rec.nodes = [n.name for n in [m.lin] + m.chain + [m.ce]]
     rec.shapes = f"h={list(hv.shape)} vocab={vocab} logits={mode if m.exposed is not None else 'not returned'}"
-    full = numel_bytes(lv) + sum(numel_bytes(tval(n)) for n in m.chain)
-    rec.bytes_saved = full
+    # the logits and each dtype change of them (an fp32 upcast) existed whole; now one chunk of each does
+    full = numel_bytes(lv) + sum(numel_bytes(tval(n)) for n in m.chain if _cast_dtype(n) is not None)
+    rec.bytes_saved = int(full * (1 - 1 / int(label))) if label.isdigit() else 0
     ctx.claimed.update([m.lin, m.ce] + m.chain)
 
 

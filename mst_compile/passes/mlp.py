@@ -127,6 +127,17 @@ def find_region(start: fx.Node, ctx: PassContext) -> tuple[fx.Node, list[fx.Node
     return x, order, exit_node
 
 
+def _rows(x: fx.Node):
+    """Tokens (product of the leading dims) when static, else None."""
+    v = tval(x)
+    n = 1
+    for d in v.shape[:-1]:
+        if not isinstance(d, int):
+            return None
+        n *= d
+    return n
+
+
 def _auto_chunks(x: fx.Node, region: list[fx.Node]) -> int:
     # NOTE [auto chunk count]: one chunk's expanded activations (the widening projections' outputs) are
     # about the size of the layer input: M = sum(widened widths) / input width.
@@ -153,7 +164,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
                 "mlp", body, int(ev.shape[-1]), ev.dtype, params.index(w_exit), params.index(b_exit) if b_exit else -1,
                 autocast=amp,
             )  # fmt: skip
-            num_chunks, chunk_rows, label = ctx.config.chunking(_auto_chunks(x, region))
+            num_chunks, chunk_rows, label = ctx.config.chunking(_auto_chunks(x, region), _rows(x))
             _check_body(ctx, key, x, params, ev)
         except Exception as e:  # noqa: BLE001 - CantChunk, or a bug: either way this region stays as it was
             skip(rec, e)
@@ -173,7 +184,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
         xv = tval(x)
         rec.shapes = f"x={list(xv.shape)} widths={[_width(n) for n in region if linear_args(n)]}"
         inter = sum(numel_bytes(tval(n)) for n in region if n is not exit_node)
-        rec.bytes_saved = int(inter * (1 - 1 / max(num_chunks, 1))) if num_chunks else inter
+        rec.bytes_saved = int(inter * (1 - 1 / int(label))) if label.isdigit() else 0
         ctx.regions.append(rec)
         ctx.claimed.update(region)
 

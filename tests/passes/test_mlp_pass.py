@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import mst_compile
+
 from tests.conftest import assert_close_rel, rewrite
 from tests.modules import (
     AddmmMLP,
@@ -66,9 +68,11 @@ def test_one_region_per_layer_in_a_stack():
 
 
 def test_regions_record_the_nodes_and_chunks():
-    _, ctx, _ = rewrite(GatedMLP(h=16, i=48), torch.randn(1, 5, 16))
+    _, ctx, _ = rewrite(GatedMLP(h=16, i=48), torch.randn(2, 8, 16), config=mst_compile.MSTConfig(min_chunk_tokens=1))
     (r,) = _mlp_regions(ctx, "rewritten")
-    assert r.chunks.startswith("6")  # auto: (48 + 48) / 16 widened features per input feature
+    assert r.chunks == "6"  # auto: (48 + 48) / 16 widened features per input feature
+    _, ctx, _ = rewrite(GatedMLP(h=16, i=48), torch.randn(2, 8, 16))
+    assert _mlp_regions(ctx, "rewritten")[0].chunks == "1"  # 16 tokens: below min_chunk_tokens, one chunk
     assert len(r.nodes) == 5  # gate, silu, up, mul, down
 
 

@@ -1,0 +1,58 @@
+"""``mst_compile.explain(model, *args, **kwargs)``: what the backend would do to one call, without training.
+
+Traces the call with Dynamo, runs the mst passes on every graph (no Inductor, no backward) and returns the
+reports: every candidate region with its shapes, whether it was rewritten, its chunk count, the estimated
+bytes no longer alive at once, and the reason for each skip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _compat
+from .backend import _copy
+from .config import MSTConfig, resolve
+from .passes import PassContext, run_passes
+from .report import Report
+
+
+@dataclass
+class Explanation:
+    reports: list[Report] = field(default_factory=list)
+
+    @property
+    def regions(self):
+        return [r for rep in self.reports for r in rep.regions]
+
+    def bytes_saved(self) -> int:
+        return sum(r.bytes_saved for r in self.regions if r.status == "rewritten")
+
+    def __str__(self) -> str:
+        lines = [f"mst explain: {len(self.reports)} graph(s), "
+                 f"{sum(r.status == 'rewritten' for r in self.regions)} region(s) rewritten, "
+                 f"~{self.bytes_saved() / 2**20:.1f} MiB of intermediates no longer alive at once"]  # fmt: skip
+        for i, rep in enumerate(self.reports):
+            lines.append(f"graph {i}:")
+            lines += ["  " + r.line() for r in rep.regions] or ["  (no candidate regions)"]
+        return "\n".join(lines)
+
+
+def explain(model, *args, options: dict | MSTConfig | None = None, **kwargs) -> Explanation:
+    """Explain what ``torch.compile(model, backend="mst", options=options)`` would rewrite for this call."""
+    cfg = resolve(options)
+    out = Explanation()
+
+    def backend(gm, example_inputs):
+        ctx = PassContext(cfg, _compat.detect_fake_mode(example_inputs), torch.is_grad_enabled())
+        run_passes(_copy(gm), ctx)
+        out.reports.append(Report(graph=f"graph#{len(out.reports)}", regions=ctx.regions))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(model, backend=backend)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    return out
