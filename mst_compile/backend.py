@@ -10,22 +10,14 @@ import logging
 import warnings
 
 import torch
-from torch import fx
 
 from . import _compat
 from .config import MSTConfig, resolve
 from .logits import rebuild_outputs
-from .passes import PassContext, run_passes
+from .passes import PassContext, copy_graph_module, run_passes
 from .report import Report, add_report
 
 log = logging.getLogger("mst_compile")
-
-
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of ``gm``'s graph (node metadata is shared, not deep-copied)."""
-    g = fx.Graph()
-    g.output(g.graph_copy(gm.graph, {}))
-    return fx.GraphModule(gm, g)
 
 
 def _inductor(gm, example_inputs, cfg: MSTConfig, mode: str | None):
@@ -44,7 +36,7 @@ def mst_backend(gm: fx.GraphModule, example_inputs, options: dict | MSTConfig | 
     report = Report(graph=f"graph#{len(gm.graph.nodes)}nodes")
     ctx = PassContext(cfg, _compat.detect_fake_mode(example_inputs), torch.is_grad_enabled())
     try:
-        new_gm = run_passes(_copy(gm), ctx)
+        new_gm = run_passes(copy_graph_module(gm), ctx)
     except Exception as e:  # noqa: BLE001 - a bug in a rewrite must never break the user's model
         report.fallback = f"rewrite failed: {type(e).__name__}: {e}"
         new_gm = None

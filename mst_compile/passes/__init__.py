@@ -27,6 +27,18 @@ PASSES = (
 )
 
 
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over copies of ``gm``'s graph and of its nested subgraphs (node metadata shared), so
+    a rewrite that fails half-way leaves the original untouched."""
+    g = fx.Graph()
+    g.output(g.graph_copy(gm.graph, {}))
+    new = fx.GraphModule(gm, g)
+    for name, sub in gm.named_children():
+        if isinstance(sub, fx.GraphModule):
+            setattr(new, name, copy_graph_module(sub))
+    return new
+
+
 def _subgraphs(gm: fx.GraphModule) -> list[fx.GraphModule]:
     """Graphs nested in higher-order ops (activation checkpointing's ``tag_activation_checkpoint`` bodies)."""
     return [m for name, m in gm.named_modules() if name and isinstance(m, fx.GraphModule)]
@@ -71,4 +83,4 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
-__all__ = ["PASSES", "CantChunk", "PassContext", "run_passes"]
+__all__ = ["PASSES", "CantChunk", "PassContext", "copy_graph_module", "run_passes"]

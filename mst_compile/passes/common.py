@@ -44,6 +44,8 @@ class PassContext:
     claimed: set = field(default_factory=set)  # nodes already part of a rewritten or rejected region
     # graph-output bridges for logits returned next to a fused loss (see logits.py)
     logits_outputs: list = field(default_factory=list)
+    # False when nothing can wrap the compiled function's outputs (the Inductor-pass mode)
+    allow_logits_output: bool = True
 
 
 def val(n):

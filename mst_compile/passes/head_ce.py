@@ -274,6 +274,9 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
     grad = ctx.grad_enabled
     needs = [bool(grad and v is not None and v.requires_grad) for v in (hv, wv, tval(b))]
     mode = "none"
+    if m.exposed is not None and not ctx.allow_logits_output and any(needs):
+        raise CantChunk("the logits are also returned, and the Inductor-pass mode cannot re-attach their gradient "
+                        "outside the graph (use backend='mst')")  # fmt: skip
     if m.exposed is not None:
         mode = "skip" if cfg.logits == "skip" else ("bridge" if any(needs) else "plain")
     # NOTE [auto chunk count]: one chunk's fp32 logits about the size of the hidden states.
