@@ -12,13 +12,11 @@ backend="mst"))``) for the full saving.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from . import _compat
 from .config import get_config
-from .passes import PassContext, copy_graph_module, run_passes
+from .passes import PassContext, run_passes
 from .report import Report, add_report
 
 
@@ -30,21 +28,10 @@ class MSTPreGradPass(_compat.CustomGraphPass):
             return
         ctx = PassContext(cfg, None, torch.is_grad_enabled(), allow_logits_output=False)
         report = Report(graph=f"inductor-pass graph#{len(graph.nodes)}nodes")
-        try:
-            new = run_passes(copy_graph_module(gm), ctx)
-        except Exception as e:  # noqa: BLE001 - a bug in a rewrite must never break the user's model
-            report.fallback = f"rewrite failed: {type(e).__name__}: {e}"
-            warnings.warn(f"mst: {report.fallback}; this graph is compiled by plain Inductor", stacklevel=2)
-            add_report(report)
-            return
+        # In place: Inductor keeps using this graph object (and its nodes' Dynamo attributes). Every region is
+        # checked before the graph is touched, so a CantChunk or a bug in a check leaves its region as it was.
+        run_passes(gm, ctx)
         report.regions = ctx.regions
-        if report.rewritten():
-            # adopt the rewritten graph (and its rewritten subgraphs) in place
-            graph.__init__(owning_module=gm)
-            graph.output(graph.graph_copy(new.graph, {}))
-            for name, sub in new.named_children():
-                setattr(gm, name, sub)
-            gm.recompile()
         add_report(report)
 
     def uuid(self):
@@ -58,7 +45,11 @@ class MSTPreGradPass(_compat.CustomGraphPass):
 
 
 def install() -> None:
-    _compat.inductor_config().pre_grad_custom_pass = MSTPreGradPass()
+    cfg = _compat.inductor_config()
+    cfg.pre_grad_custom_pass = MSTPreGradPass()
+    # NOTE [early timing]: the pass must run on every compile, before Inductor's cache lookup: its chunk bodies
+    # live in this process's registry, which a cache hit from another process would find empty.
+    cfg.pre_grad_pass_timing = "early"
 
 
 def uninstall() -> None:
