@@ -35,13 +35,13 @@ def build(name: str, seed: int = 0, scale: int = 1, vocab: int = V) -> torch.nn.
     if name == "nanogpt":
         from .nanogpt import NanoGPT
 
-        return NanoGPT(vocab=vocab, dim=h, layers=L, heads=4).train()
+        return NanoGPT(vocab=vocab, dim=h, layers=L, heads=4, max_len=32768).train()
     import transformers
 
     cfg_name, model_name, over = ARCHS[name]
     kw = dict(_COMMON, **over, hidden_size=h, intermediate_size=i, vocab_size=vocab)
     if name == "gpt2":
-        over = dict(over, n_embd=h, n_inner=4 * h)
+        over = dict(over, n_embd=h, n_inner=4 * h, n_positions=32768)
         kw = dict(vocab_size=vocab, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **over)
     cfg = getattr(transformers, cfg_name)(**kw)
     model = getattr(transformers, model_name)(cfg).train()
