@@ -18,7 +18,7 @@ import os
 import sys
 
 from .measure import run_worker
-from .worker import ARMS, FORMS
+from .worker import ARMS, EXTRA_ARMS, FORMS
 
 
 def _fmt_table(rows: list[dict]) -> str:
@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     arms, forms = a.arms.split(","), a.forms.split(",")
     for arm in arms:
-        if arm not in ARMS:
-            p.error(f"unknown arm {arm!r}; arms: {ARMS}")
+        if arm not in ARMS + EXTRA_ARMS:
+            p.error(f"unknown arm {arm!r}; arms: {ARMS + EXTRA_ARMS}")
     os.makedirs(a.out, exist_ok=True)
     rows = []
     for form in forms:

@@ -17,6 +17,9 @@ from .measure import PeakMeter
 from .models import build_llama, token_batch
 
 ARMS = ("eager", "compile", "auto_chunker", "hf_ckpt", "compile_ckpt", "mst", "mst_ckpt")
+#: more peers, step form only (issue 4): activation-memory budgets, a tuned auto_chunker, a model variant
+#: calling F.linear_cross_entropy with its chunked options, and the paper's approach written by hand (eager)
+EXTRA_ARMS = ("budget_0.5", "budget_0.1", "auto_chunker_tuned", "linear_ce", "paper")
 FORMS = ("step", "model")
 
 
@@ -24,9 +27,21 @@ def prepare(arm: str, form: str, model, options: dict | None = None):
     """The callable ``ids -> loss (and the output object kept alive)`` for one arm and form."""
     if arm in ("hf_ckpt", "compile_ckpt", "mst_ckpt") and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if arm == "auto_chunker":
+    if arm in ("auto_chunker", "auto_chunker_tuned"):
         _compat.inductor_config().auto_chunker.enable = True
-    backend = {"compile": "inductor", "compile_ckpt": "inductor", "auto_chunker": "inductor"}.get(arm)
+    if arm == "auto_chunker_tuned":
+        _compat.inductor_config().auto_chunker.amplify_ratio_threshold = 2
+        _compat.inductor_config().auto_chunker.num_chunk = 16
+    if arm.startswith("budget_"):
+        _compat.functorch_config().activation_memory_budget = float(arm.split("_")[1])
+    if arm in ("linear_ce", "paper"):
+        from .peers import linear_ce_loss, paper_loss
+
+        fn = linear_ce_loss(model) if arm == "linear_ce" else paper_loss(model)
+        target = torch.compile(fn) if arm == "linear_ce" else fn
+        return lambda ids: (target(ids), None)
+    backend = {"compile": "inductor", "compile_ckpt": "inductor", "auto_chunker": "inductor",
+               "auto_chunker_tuned": "inductor", "budget_0.5": "inductor", "budget_0.1": "inductor"}.get(arm)  # fmt: skip
     if arm in ("mst", "mst_ckpt"):
         backend = "mst"
     kwargs = {"options": options} if (backend == "mst" and options) else {}
@@ -54,7 +69,7 @@ def prepare(arm: str, form: str, model, options: dict | None = None):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--arm", choices=ARMS, required=True)
+    p.add_argument("--arm", choices=ARMS + EXTRA_ARMS, required=True)
     p.add_argument("--form", choices=FORMS, default="step")
     p.add_argument("--model", default="llama-small")
     p.add_argument("--tokens", type=int, default=8192)
