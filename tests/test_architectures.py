@@ -34,3 +34,25 @@ def test_architecture(name):
     assert got.keys() == ref.keys()
     for n in ref:
         assert_close_rel(got[n], ref[n], name=n)
+
+
+@pytest.mark.parametrize("model_type", sorted(zoo.AUTO_ARCHS))
+def test_more_architectures_compile_exactly(model_type):
+    """Walk more of the installed transformers' causal LMs: the expected regions, and never a wrong number."""
+    model = zoo.build_auto(model_type)
+    ids = torch.randint(3, zoo.V, (2, 11), generator=torch.Generator().manual_seed(0))
+    ref = model(input_ids=ids, labels=ids)
+    ref.loss.backward()
+    ref_g = grads(model)
+    model.zero_grad(set_to_none=True)
+    cm = torch.compile(model, backend="mst", options={"num_chunks": 3, "compiler": "aot_eager"})
+    out = cm(input_ids=ids, labels=ids)
+    out.loss.backward()
+    c = mst_compile.counters
+    assert (c["mlp_rewritten"], c["head_rewritten"]) == (zoo.AUTO_ARCHS[model_type], 1), [
+        str(r) for r in mst_compile.reports()
+    ]
+    assert_close_rel(out.loss, ref.loss, name="loss")
+    assert_close_rel(out.logits, ref.logits, name="logits")
+    for n, g in grads(model).items():
+        assert_close_rel(g, ref_g[n], name=n)

@@ -26,6 +26,32 @@ ARCHS = {
 }
 
 
+#: More decoder-only causal LMs of the installed transformers, built through ``AutoConfig.for_model`` with the
+#: same tiny sizes, and how many MLP regions each must get rewritten: 0 where the MLP is not a supported shape
+#: (mixture-of-experts routing, Bloom's autograd.Function GELU, Apertus' xIELU with its own branches); those
+#: must still compile unchanged and exactly.
+AUTO_ARCHS = {
+    "olmo": L, "olmo2": L, "olmo3": L, "stablelm": L, "cohere": L, "glm": L, "granite": L, "phi": L,
+    "starcoder2": L, "gpt_bigcode": L, "persimmon": L, "nemotron": L, "helium": L, "smollm3": L, "exaone4": L,
+    "ernie4_5": L, "seed_oss": L, "arcee": L, "hunyuan_v1_dense": L, "ministral": L, "gemma3_text": L, "opt": L,
+    "mixtral": 0, "qwen3_moe": 0, "bloom": 0, "apertus": 0,
+}  # fmt: skip
+
+
+def build_auto(model_type: str, seed: int = 0) -> torch.nn.Module:
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(model_type, **_COMMON, head_dim=8)
+    for k in list(cfg.to_dict()):  # no dropout: eager and compiled runs must draw nothing at random
+        if ("dropout" in k or "pdrop" in k) and isinstance(getattr(cfg, k, None), float):
+            setattr(cfg, k, 0.0)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).train()
+    if getattr(model, "loss_type", "") is None:
+        model.loss_type = "ForCausalLM"
+    return model
+
+
 def build(name: str, seed: int = 0, scale: int = 1, vocab: int = V) -> torch.nn.Module:
     """A tiny model of architecture ``name`` (``ARCHS`` or ``"nanogpt"``), in train mode.
 

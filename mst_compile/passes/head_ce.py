@@ -177,11 +177,19 @@ def find_head(ce: fx.Node, ctx: PassContext) -> HeadMatch:
         exposed = n
     if exposed is not None:
         before = [lin] + chain[: chain.index(exposed) + 1 if exposed in chain else 0]
-        if any(_layout_kind(n) is not None for n in before) or any(
-            _layout_kind(n) == "getitem" for n in chain
-        ):  # fmt: skip
-            raise CantChunk("the returned logits differ in rows from those the loss reads")
+        if any(_layout_kind(n) not in (None, "contiguous") for n in before):
+            raise CantChunk("the returned logits are a reshaped or sliced view of the projection")
     return HeadMatch(ce, lin, chain, exposed, args)
+
+
+def _row_positions(h):
+    """``[*h.shape[:-1], 1]``: each row's flat index, to replay the loss's row selection on."""
+    return torch.arange(h.numel() // h.shape[-1], device=h.device).view(*h.shape[:-1], 1)
+
+
+def _labels_for_all_rows(pos, labels, h, ignore_index):
+    full = torch.full((h.numel() // h.shape[-1],), ignore_index, dtype=labels.dtype, device=labels.device)
+    return full.index_put((pos.reshape(-1),), labels.reshape(-1))
 
 
 def _replay_layout(gm: fx.GraphModule, m: HeadMatch, h: fx.Node, hidden: int, vocab: int) -> fx.Node:
@@ -292,11 +300,20 @@ def _apply(gm: fx.GraphModule, m: HeadMatch, p: HeadPlan, ctx: PassContext, rec:
     pre_key, post_key, needs, mode = p.pre_key, p.post_key, p.needs, p.mode
     num_chunks, chunk_rows, label = p.num_chunks, p.chunk_rows, p.label
     g = gm.graph
+    target = m.args["target"]
     with g.inserting_before(m.ce):
-        h_sel = _replay_layout(gm, m, h, hidden, vocab)
+        if m.exposed is not None and any(_layout_kind(n) == "getitem" for n in m.chain):
+            # NOTE [returned logits, sliced loss]: the logits are returned for every row while the loss reads a
+            # slice of them (a shift: ``logits[..., :-1, :]``). Run every row, and give the rows the loss does
+            # not read the label ignore_index: same sum, same count of labels, one pass.
+            pos = _replay_layout(gm, m, g.call_function(_row_positions, (h,)), 1, vocab)
+            target = g.call_function(_labels_for_all_rows, (pos, target, h, m.args["ignore_index"]))
+            h_sel = h
+        else:
+            h_sel = _replay_layout(gm, m, h, hidden, vocab)
         call = g.call_function(
             head_call,
-            (h_sel, w, b, m.args["target"], pre_key, post_key, m.args["ignore_index"], m.args["label_smoothing"],
+            (h_sel, w, b, target, pre_key, post_key, m.args["ignore_index"], m.args["label_smoothing"],
              num_chunks, chunk_rows, needs, mode in ("bridge", "plain"), m.args["reduction"] == "mean", h),
         )  # fmt: skip
         loss = g.call_function(operator.getitem, (call, 0))

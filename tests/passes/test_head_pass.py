@@ -60,6 +60,23 @@ def test_returned_logits_are_routed_to_the_runner():
     assert lo.mode == "bridge" and lo.slots == [1]
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_returned_logits_with_a_shifted_loss(reduction):
+    """The model returns all logits and its loss reads ``logits[..., :-1, :]`` (OPT, older HF models)."""
+    head = LMHead(shift=True, return_logits=True, reduction=reduction)
+    hs, y = torch.randn(2, 7, 16, requires_grad=True), torch.randint(0, 200, (2, 7))
+    y[1, 2] = -100
+    gm, ctx, ex = rewrite(head, hs, y)
+    assert len(_heads(ctx, "rewritten")) == 1, ctx.regions
+    loss, logits = head(hs, y)
+    out = gm(*ex)
+    torch.testing.assert_close(out[0], loss)
+    torch.testing.assert_close(out[1], logits.detach())
+    for g, r in zip(torch.autograd.grad(out[0], [hs, *head.parameters()]),
+                    torch.autograd.grad(loss, [hs, *head.parameters()])):  # fmt: skip
+        assert_close_rel(g, r)
+
+
 def test_logits_only_model_has_nothing_to_fuse():
     proj = torch.nn.Linear(16, 200)
     gm, ctx, _ = rewrite(proj, torch.randn(1, 5, 16))
