@@ -7,28 +7,27 @@ any model's graph and runs them one mini-sequence of tokens at a time, recomputi
 
 from __future__ import annotations
 
-from . import ops as _ops  # noqa: F401  (registers the mst:: custom ops)
-from .backend import mst_backend
-from .config import MSTConfig, config_context, get_config, set_config
-from .explain import Explanation, explain
-from .report import Region, Report, counters, last_report, reports, reset_counters
+import importlib
+
+# NOTE [lazy package]: ``import torch`` imports this package through the ``torch.backends`` entry point
+# (``_autoload``), so importing it must cost nothing: every name below loads its module on first use.
+_LAZY = {
+    "mst_backend": "backend", "MSTConfig": "config", "config_context": "config", "get_config": "config",
+    "set_config": "config", "Explanation": "explainer", "explain": "explainer", "Region": "report", "Report": "report",
+    "counters": "report", "last_report": "report", "reports": "report", "reset_counters": "report",
+}  # fmt: skip
+_SUBMODULES = ("backend", "bench", "config", "explainer", "inductor_pass", "logits", "ops", "passes", "report")
 
 
-__all__ = [
-    "Explanation",
-    "MSTConfig",
-    "explain",
-    "Region",
-    "Report",
-    "config_context",
-    "counters",
-    "get_config",
-    "last_report",
-    "mst_backend",
-    "reports",
-    "reset_counters",
-    "set_config",
-]
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'mst_compile' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)
 __version__ = "0.1.0"
 
 

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from . import _compat
+from . import _compat, ops  # noqa: F401  (ops: registers the mst:: custom ops)
 from .config import MSTConfig, resolve
 from .logits import rebuild_outputs
 from .passes import PassContext, copy_graph_module, run_passes
