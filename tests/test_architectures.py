@@ -56,3 +56,20 @@ def test_more_architectures_compile_exactly(model_type):
     assert_close_rel(out.logits, ref.logits, name="logits")
     for n, g in grads(model).items():
         assert_close_rel(g, ref_g[n], name=n)
+
+
+def test_regression_gpt2_transposed_conv1d_weights_through_inductor():
+    """GPT-2's Conv1D weights reach the MLP op as ``W.t()`` views: the op's fake kernels must give the same
+    (contiguous) gradient layout as the real ones, or Inductor's stride asserts fail."""
+    model = zoo.build("gpt2")
+    ids = torch.randint(3, zoo.V, (1, 40), generator=torch.Generator().manual_seed(0))
+    ref = model(input_ids=ids, labels=ids).loss
+    ref.backward()
+    ref_g = grads(model)
+    model.zero_grad(set_to_none=True)
+    loss = torch.compile(model, backend="mst", options={"num_chunks": 3})(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert mst_compile.counters["mlp_rewritten"] == zoo.L
+    assert_close_rel(loss, ref, name="loss")
+    for n, g in grads(model).items():
+        assert_close_rel(g, ref_g[n], name=n)

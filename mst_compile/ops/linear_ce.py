@@ -55,7 +55,7 @@ def linear_ce(
     grad = need_h or need_w or need_b
     loss_sum = torch.zeros((), dtype=post.out_dtype or torch.float32, device=h.device)
     logits = h.new_empty((rows, w.shape[0]), dtype=pre.out_dtype or h.dtype) if want_logits else h.new_empty(_EMPTY)
-    dh = torch.empty_like(h) if need_h else h.new_empty(_EMPTY)
+    dh = h.new_empty(h.shape) if need_h else h.new_empty(_EMPTY)
     dw = torch.zeros(w.shape, dtype=acc_dtype(w), device=w.device) if need_w else w.new_empty(_EMPTY)
     db = torch.zeros(b.shape, dtype=acc_dtype(b), device=b.device) if need_b else h.new_empty(_EMPTY)
     fused = pre.cast_only and post.cast_only
@@ -137,9 +137,9 @@ def _(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing, num_chu
     return (
         h.new_empty((), dtype=post.out_dtype or torch.float32),
         labels.new_empty((), dtype=torch.int64),
-        torch.empty_like(h) if need_h else h.new_empty(_EMPTY),
-        torch.empty_like(w) if need_w else w.new_empty(_EMPTY),
-        torch.empty_like(b) if (need_b and b is not None) else h.new_empty(_EMPTY),
+        h.new_empty(h.shape) if need_h else h.new_empty(_EMPTY),
+        w.new_empty(w.shape) if need_w else w.new_empty(_EMPTY),
+        b.new_empty(b.shape) if (need_b and b is not None) else h.new_empty(_EMPTY),
         h.new_empty((h.shape[0], w.shape[0]), dtype=pre.out_dtype or h.dtype) if want_logits else h.new_empty(_EMPTY),
     )
 

@@ -52,7 +52,7 @@ def rowwise_backward(
     needs: list[bool],
 ) -> list[torch.Tensor]:
     body = registry.get(key)
-    gx = torch.empty_like(x) if needs[0] else None
+    gx = x.new_empty(x.shape) if needs[0] else None
     leaves = [p.detach().requires_grad_(n) for p, n in zip(params, needs[1:])]
     accs = [torch.zeros(p.shape, dtype=acc_dtype(p), device=p.device) if n else None for p, n in zip(params, needs[1:])]
     wanted = [p for p, n in zip(leaves, needs[1:]) if n]
@@ -96,8 +96,9 @@ def rowwise_backward(
 
 @rowwise_backward.register_fake
 def _(grad, x, params, key, num_chunks, chunk_rows, needs):
-    result = [torch.empty_like(x) if needs[0] else x.new_empty(0)]
-    result += [torch.empty_like(p) if n else p.new_empty(0) for p, n in zip(params, needs[1:])]
+    # contiguous, as the kernel returns them (a transposed weight such as GPT-2's Conv1D ``W.t()`` included)
+    result = [x.new_empty(x.shape) if needs[0] else x.new_empty(0)]
+    result += [p.new_empty(p.shape) if n else p.new_empty(0) for p, n in zip(params, needs[1:])]
     return result
 
 
