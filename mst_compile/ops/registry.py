@@ -11,12 +11,28 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 _BODIES: dict[str, "Body"] = {}
+
+
+def _ops_version() -> str:
+    """A hash of the ops' own source. NOTE [cache keys]: the keys are string constants in the compiled graph, so
+    Inductor's on-disk caches key on them; a changed op (a fake kernel's strides, say) must not meet code
+    compiled against the old one. Seen: a stale cache entry failed Inductor's stride check after a fix."""
+    h = hashlib.sha1()
+    for f in sorted(os.listdir(os.path.dirname(__file__))):
+        if f.endswith(".py"):
+            with open(os.path.join(os.path.dirname(__file__), f), "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()[:8]
+
+
+VERSION = _ops_version()
 
 
 @dataclass(frozen=True)
@@ -60,7 +76,7 @@ def register(
 ) -> str:  # fmt: skip
     code = gm.code
     text = f"{kind}|{out_features}|{out_dtype}|{exit_w}|{exit_b}|{autocast}|{code}"
-    key = f"{kind}:{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+    key = f"{kind}:{VERSION}:{hashlib.sha1(text.encode()).hexdigest()[:16]}"
     if key not in _BODIES:
         _BODIES[key] = Body(gm, out_features, out_dtype, code, exit_w=exit_w, exit_b=exit_b, autocast=autocast)
     return key
@@ -80,14 +96,14 @@ def register_fn(
     kind: str, name: str, fn: Callable, out_features: int = -1, out_dtype=None, exit_w=-1, exit_b=-1, autocast=None
 ) -> str:
     """Register a plain Python function under ``kind:name`` (the logits body of the head; tests)."""
-    key = f"{kind}:{name}|{autocast}"
+    key = f"{kind}:{VERSION}:{name}|{autocast}"
     _BODIES[key] = Body(fn, out_features, out_dtype, name, exit_w=exit_w, exit_b=exit_b, autocast=autocast)
     return key
 
 
 def register_cast(dtype: torch.dtype, autocast=None) -> str:
     """The body ``z -> z.to(dtype)`` (the identity when ``z`` already has that dtype)."""
-    key = f"cast:{dtype}|{autocast}"
+    key = f"cast:{VERSION}:{dtype}|{autocast}"
     if key not in _BODIES:
         _BODIES[key] = Body(lambda z: z.to(dtype), -1, dtype, key, cast_only=True, autocast=autocast)
     return key
