@@ -8,8 +8,7 @@ from __future__ import annotations
 from torch._dynamo.utils import counters as dynamo_counters  # noqa: F401
 from torch._inductor.compile_fx import compile_fx  # noqa: F401
 from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: F401
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: F401
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols  # noqa: F401
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
 
 
 def inductor_config():
@@ -24,13 +23,6 @@ def functorch_config():
     import torch._functorch.config as cfg
 
     return cfg
-
-
-def detect_fake_mode(inputs):
-    """The FakeTensorMode that Dynamo used for ``inputs`` (or None)."""
-    from torch._guards import detect_fake_mode as _detect
-
-    return _detect(inputs)
 
 
 class autograd_inside_op:

@@ -34,7 +34,7 @@ def mst_backend(gm: fx.GraphModule, example_inputs, options: dict | MSTConfig | 
     if not cfg.enabled:
         return _inductor(gm, example_inputs, cfg, mode)
     report = Report(graph=f"graph#{len(gm.graph.nodes)}nodes")
-    ctx = PassContext(cfg, _compat.detect_fake_mode(example_inputs), torch.is_grad_enabled())
+    ctx = PassContext(cfg, torch.is_grad_enabled())
     try:
         new_gm = run_passes(copy_graph_module(gm), ctx)
     except Exception as e:  # noqa: BLE001 - a bug in a rewrite must never break the user's model

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import _compat
 from .config import MSTConfig, resolve
 from .passes import PassContext, copy_graph_module, run_passes
 from .report import Report
@@ -44,7 +43,7 @@ def explain(model, *args, options: dict | MSTConfig | None = None, **kwargs) -> 
     out = Explanation()
 
     def backend(gm, example_inputs):
-        ctx = PassContext(cfg, _compat.detect_fake_mode(example_inputs), torch.is_grad_enabled())
+        ctx = PassContext(cfg, torch.is_grad_enabled())
         run_passes(copy_graph_module(gm), ctx)
         out.reports.append(Report(graph=f"graph#{len(out.reports)}", regions=ctx.regions))
         return gm.forward

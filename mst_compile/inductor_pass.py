@@ -26,7 +26,7 @@ class MSTPreGradPass(_compat.CustomGraphPass):
         cfg = get_config()
         if not cfg.enabled:
             return
-        ctx = PassContext(cfg, None, torch.is_grad_enabled(), allow_logits_output=False)
+        ctx = PassContext(cfg, torch.is_grad_enabled(), allow_logits_output=False)
         report = Report(graph=f"inductor-pass graph#{len(graph.nodes)}nodes")
         # In place: Inductor keeps using this graph object (and its nodes' Dynamo attributes). Every region is
         # checked before the graph is touched, so a CantChunk or a bug in a check leaves its region as it was.

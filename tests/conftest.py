@@ -29,7 +29,7 @@ def dynamo_graph(fn, *args, **kwargs):
 def rewrite(fn, *args, config=None, **kwargs):
     """Run the mst passes on ``fn``'s Dynamo graph (no Inductor): ``(rewritten gm, PassContext)``."""
     gm, example_inputs = dynamo_graph(fn, *args, **kwargs)
-    ctx = PassContext(config or mst_compile.MSTConfig(), None, torch.is_grad_enabled())
+    ctx = PassContext(config or mst_compile.MSTConfig(), torch.is_grad_enabled())
     return run_passes(gm, ctx), ctx, example_inputs
 
 

@@ -38,7 +38,6 @@ def skip(rec: Region, e: Exception) -> None:
 @dataclass
 class PassContext:
     config: MSTConfig
-    fake_mode: object = None
     grad_enabled: bool = True
     regions: list[Region] = field(default_factory=list)
     claimed: set = field(default_factory=set)  # nodes already part of a rewritten or rejected region
@@ -90,10 +89,6 @@ _ELEMENTWISE_METHODS = {
 }  # fmt: skip
 _SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split}
 _SPLIT_METHODS = {"chunk", "split", "tensor_split"}
-
-
-def tensor_inputs(n: fx.Node) -> list[fx.Node]:
-    return [a for a in n.all_input_nodes]
 
 
 def is_split(n: fx.Node) -> bool:
