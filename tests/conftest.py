@@ -43,3 +43,13 @@ def assert_close_rel(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5, name:
 
 def grads(module: torch.nn.Module) -> dict:
     return {n.replace("_orig_mod.", ""): p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def regions(ctx, kind: str, status: str | None = None) -> list:
+    """The regions of one kind ("mlp", "head") a pass run recorded, optionally of one status."""
+    return [r for r in ctx.regions if r.kind == kind and (status is None or r.status == status)]
+
+
+def calls(gm, name: str) -> list:
+    """The nodes of ``gm`` that call the Python function named ``name`` (the passes' ``rowwise_call`` etc.)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == name]

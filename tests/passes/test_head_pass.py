@@ -4,16 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import assert_close_rel, rewrite
+from tests.conftest import assert_close_rel, calls, regions, rewrite
 from tests.modules import LMHead
 
 
 def _heads(ctx, status):
-    return [r for r in ctx.regions if r.kind == "head" and r.status == status]
+    return regions(ctx, "head", status)
 
 
 def _calls(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "head_call"]
+    return calls(gm, "head_call")
 
 
 @pytest.mark.parametrize(
@@ -49,7 +49,7 @@ def test_finds_head_and_matches_eager(kw):
 
 def test_head_is_not_taken_for_an_mlp():
     _, ctx, _ = rewrite(LMHead(), torch.randn(1, 5, 16), torch.randint(0, 200, (1, 5)))
-    assert not [r for r in ctx.regions if r.kind == "mlp"]
+    assert not regions(ctx, "mlp")
 
 
 def test_returned_logits_are_routed_to_the_runner():

@@ -4,7 +4,7 @@ import torch
 
 import mst_compile
 from mst_compile.bench.models import build_llama
-from tests.conftest import rewrite
+from tests.conftest import regions, rewrite
 
 
 def _graph(**kw):
@@ -20,8 +20,7 @@ def _linears(gm):
 def test_exact_regions_of_a_llama():
     model, ids = _graph()
     gm, ctx, ex = rewrite(lambda i: model(input_ids=i, labels=i), ids)
-    mlps = [r for r in ctx.regions if r.kind == "mlp"]
-    heads = [r for r in ctx.regions if r.kind == "head"]
+    mlps, heads = regions(ctx, "mlp"), regions(ctx, "head")
     assert [r.status for r in mlps] == ["rewritten", "rewritten"]
     assert [r.status for r in heads] == ["rewritten"]
     for r in mlps:  # gate, act, up, mul, down; nothing of attention or the norms

@@ -5,7 +5,7 @@ import torch
 
 import mst_compile
 
-from tests.conftest import assert_close_rel, rewrite
+from tests.conftest import assert_close_rel, calls, regions, rewrite
 from tests.modules import (
     AddmmMLP,
     AttentionLike,
@@ -20,11 +20,11 @@ from tests.modules import (
 
 
 def _mlp_regions(ctx, status):
-    return [r for r in ctx.regions if r.kind == "mlp" and r.status == status]
+    return regions(ctx, "mlp", status)
 
 
 def _op_calls(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "rowwise_call"]
+    return calls(gm, "rowwise_call")
 
 
 @pytest.mark.parametrize(
