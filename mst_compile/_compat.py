@@ -65,3 +65,9 @@ def size_hint(n) -> int:
     node = getattr(n, "node", None)
     hint = getattr(node, "hint", None)
     return int(hint) if isinstance(hint, int) else 0
+
+
+def sym_expr(x):
+    """The sympy expression behind a ``SymInt`` / ``SymBool`` (its ShapeEnv symbol); plain values unchanged."""
+    node = getattr(x, "node", None)
+    return node.expr if node is not None and hasattr(node, "expr") else x

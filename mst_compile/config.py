@@ -24,6 +24,11 @@ class MSTConfig:
     - ``mlp`` / ``head``: turn the MLP and the vocabulary-projection + cross-entropy rewrites on or off.
     - ``num_chunks``: fixed number of mini-sequences for every region (``None``: chosen from the shapes).
     - ``chunk_tokens``: fixed tokens per mini-sequence instead (exclusive with ``num_chunks``).
+    - ``chunk_memory_mib``: a memory budget instead: each region gets as many chunks as keep one chunk's
+      intermediate (the MLP's widened tensors; the head's fp32 logits) under this many MiB, at any length
+      (exclusive with ``num_chunks`` and ``chunk_tokens``).
+    - ``causal_mask``: an attention mask proven to be the plain causal mask (HF builds one under tracing) is
+      replaced by ``is_causal=True``, so no ``tokens x tokens`` mask is built or saved.
     - ``logits``: when the model also returns the logits next to a loss it computes:
       ``"full"`` returns them, produced once in the model's dtype chunk by chunk, differentiable;
       ``"skip"`` does not materialize them; reading them raises an error (Liger's ``skip_logits``).
@@ -38,8 +43,10 @@ class MSTConfig:
 
     mlp: bool = True
     head: bool = True
+    causal_mask: bool = True
     num_chunks: int | None = None
     chunk_tokens: int | None = None
+    chunk_memory_mib: float | None = None
     logits: str = "full"
     min_chunk_tokens: int = 512
     min_expansion: float = 1.5
@@ -52,11 +59,15 @@ class MSTConfig:
         _check_int("num_chunks", self.num_chunks)
         _check_int("chunk_tokens", self.chunk_tokens)
         _check_int("min_chunk_tokens", self.min_chunk_tokens)
-        if self.num_chunks is not None and self.chunk_tokens is not None:
-            raise ValueError("mst: set at most one of 'num_chunks' and 'chunk_tokens'")
+        fixed = [n for n in ("num_chunks", "chunk_tokens", "chunk_memory_mib") if getattr(self, n) is not None]
+        if len(fixed) > 1:
+            raise ValueError(f"mst: set at most one of 'num_chunks', 'chunk_tokens', 'chunk_memory_mib' (got {fixed})")
+        b = self.chunk_memory_mib
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0):
+            raise ValueError(f"mst: option 'chunk_memory_mib' must be a positive number or None, got {b!r}")
         if self.logits not in LOGITS_MODES:
             raise ValueError(f"mst: option 'logits' must be one of {LOGITS_MODES}, got {self.logits!r}")
-        for name in ("mlp", "head", "enabled"):
+        for name in ("mlp", "head", "causal_mask", "enabled"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mst: option {name!r} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.min_expansion, (int, float)) or self.min_expansion <= 1.0:
@@ -69,8 +80,9 @@ class MSTConfig:
     def replace(self, **changes: Any) -> "MSTConfig":
         return dataclasses.replace(self, **changes)
 
-    def chunking(self, auto_chunks: int, rows=None) -> tuple[int, int, str]:
-        """``(num_chunks, chunk_rows, label)`` for the chunked ops, given the shape-derived chunk count.
+    def chunking(self, auto_chunks: int, rows=None, row_bytes: int = 0) -> tuple[int, int, str]:
+        """``(num_chunks, chunk_rows, label)`` for the chunked ops, given the shape-derived chunk count and the
+        bytes of one token's intermediate (for ``chunk_memory_mib``).
 
         ``label`` is the chunk count the op will use when ``rows`` (tokens) is a known int, else the rule."""
         from .ops.chunking import num_chunks_for
@@ -79,6 +91,9 @@ class MSTConfig:
             m, r, rule = self.num_chunks, 0, str(self.num_chunks)
         elif self.chunk_tokens:
             m, r, rule = 0, self.chunk_tokens, f"one per {self.chunk_tokens} tokens"
+        elif self.chunk_memory_mib:
+            r = max(1, int(self.chunk_memory_mib * 2**20 // max(row_bytes, 1)))
+            m, rule = 0, f"one per {r} tokens (<= {self.chunk_memory_mib:g} MiB each)"
         else:
             m, r, rule = auto_chunks, self.min_chunk_tokens, f"{auto_chunks}, >= {self.min_chunk_tokens} tokens each"
         return m, r, str(num_chunks_for(rows, m, r)) if isinstance(rows, int) else rule
@@ -95,8 +110,10 @@ _ENV = {
     "MST_ENABLED": "enabled",
     "MST_MLP": "mlp",
     "MST_HEAD": "head",
+    "MST_CAUSAL_MASK": "causal_mask",
     "MST_NUM_CHUNKS": "num_chunks",
     "MST_CHUNK_TOKENS": "chunk_tokens",
+    "MST_CHUNK_MEMORY_MIB": "chunk_memory_mib",
     "MST_LOGITS": "logits",
     "MST_MIN_CHUNK_TOKENS": "min_chunk_tokens",
     "MST_MIN_EXPANSION": "min_expansion",
@@ -120,7 +137,7 @@ def _parse_env(name: str, raw: str):
         except ValueError:
             raise ValueError(f"mst: environment variable for {name!r} must be an int, got {raw!r}") from None
     if "float" in str(kind):
-        return float(raw)
+        return None if raw.lower() in ("", "none", "auto") else float(raw)
     return raw
 
 
@@ -165,8 +182,8 @@ def resolve(options: dict | MSTConfig | None, base: MSTConfig | None = None) -> 
     if unknown:
         raise ValueError(f"mst: unknown option(s) {unknown}; valid options are {list(OPTION_NAMES)}")
     changes = dict(options)
-    if "num_chunks" in changes and "chunk_tokens" not in changes:
-        changes["chunk_tokens"] = None
-    if "chunk_tokens" in changes and "num_chunks" not in changes:
-        changes["num_chunks"] = None
+    # the three chunk-size settings replace each other: setting one clears the others of the base
+    sizing = ("num_chunks", "chunk_tokens", "chunk_memory_mib")
+    if any(k in changes for k in sizing):
+        changes = {**{k: None for k in sizing}, **changes}
     return dataclasses.replace(base, **changes)

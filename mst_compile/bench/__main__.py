@@ -1,88 +1,105 @@
 """Side-by-side benchmark: every arm in its own process, same model and tokens.
 
-    python -m mst_compile.bench                                  # default model, 2048 tokens, both forms
-    python -m mst_compile.bench --tokens 2048,4096,8192,16384 --out bench_out
+    python -m mst_compile.bench                                  # every arm, both forms, 2048 tokens
+    python -m mst_compile.bench --tokens 2048,8192,16384 --out bench_out
+    python -m mst_compile.bench --ablate 4,8,16,32,64 --tokens 8192   # mst at fixed chunk counts vs automatic
+    python -m mst_compile.bench --cap-mib 1024 --arms eager,compile,mst  # longest sequence under a memory cap
 
-Prints a table of peak MiB of one step, the peak ratio and the median step-time ratio against
-``torch.compile`` default (the strongest baseline), and writes ``results.json`` / ``results.csv``.
-Forms: ``step`` compiles a function returning only the loss; ``model`` compiles the model itself, which
-returns the logits too (the one-line use).
+Prints a table of peak MiB of one step, the analytic floor (``floor.py``), the peak ratio and the median
+step-time ratio against ``torch.compile`` default (the strongest baseline), and writes ``results.json``,
+``results.csv``, ``table.txt`` and ``peak_vs_tokens.png``. Forms: ``step`` compiles a function returning only
+the loss; ``model`` compiles the model itself, which returns the logits too (the one-line use). ``--cold``
+gives every process an empty Inductor cache, so ``compile_s`` is a cold compile.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
+import tempfile
 
+from . import output
 from .measure import run_worker
-from .worker import ARMS, EXTRA_ARMS, FORMS
+from .worker import ARMS, EXTRA_ARMS, FORMS, STEP_ONLY
 
 
-def _fmt_table(rows: list[dict]) -> str:
-    lines = []
-    head = f"{'form':<6} {'tokens':>6} {'arm':<13} {'peak MiB':>9} {'peak/compile':>12} {'time/compile':>12}  note"
-    lines.append(head)
-    lines.append("-" * len(head))
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['form']:<6} {r['tokens']:>6} {r['arm']:<13} {'-':>9} {'-':>12} {'-':>12}  FAILED: "
-                         f"{r['error'].splitlines()[-1][:60] if r['error'] else r.get('returncode')}")  # fmt: skip
-            continue
-        pr = f"{r['peak_ratio']:.2f}x" if r.get("peak_ratio") is not None else "-"
-        tr = f"{r['time_ratio']:.2f}x" if r.get("time_ratio") is not None else "-"
-        note = f"{r['rewritten']} regions" if "rewritten" in r else ""
-        lines.append(f"{r['form']:<6} {r['tokens']:>6} {r['arm']:<13} {r['peak_mib']:>9.0f} {pr:>12} {tr:>12}  {note}")
-    return "\n".join(lines)
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="bench", file=sys.stderr, dynamic_ncols=True)
+    except ImportError:  # tqdm is optional: plain lines instead
+        return None
+
+
+def measure(arm: str, form: str, tokens: int, a, options: dict | None = None) -> dict:
+    args = ["--arm", arm, "--form", form, "--tokens", str(tokens), "--model", a.model, "--steps", str(a.steps),
+            "--dtype", a.dtype] + (["--device", a.device] if a.device else [])  # fmt: skip
+    if options:
+        args += ["--options", json.dumps(options)]
+    env = None
+    if a.cold:
+        env = {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="mst_bench_cache_")}
+    r = run_worker(args, env=env)
+    r.update(arm=arm if not options else f"mst[{','.join(f'{k}={v}' for k, v in options.items())}]", form=form,
+             tokens=tokens)  # fmt: skip
+    return r
+
+
+def _jobs(a, arms, forms, tokens_list):
+    jobs = []
+    for form in forms:
+        for tokens in tokens_list:
+            jobs += [(arm, form, tokens, None) for arm in arms if not (form == "model" and arm in STEP_ONLY)]
+            if a.ablate:
+                jobs += [("mst", form, tokens, {"num_chunks": int(m)}) for m in a.ablate.split(",")]
+    return jobs
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mst_compile.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama-small")
+    p.add_argument("--model", default="llama-small", help="llama-small | qwen-vocab | llama-mem | llama-tiny | zoo:<arch>")
     p.add_argument("--tokens", default="2048", help="comma-separated token counts (batch 1)")
-    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--arms", default=",".join(ARMS + EXTRA_ARMS))
     p.add_argument("--forms", default=",".join(FORMS))
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="bench_out")
+    p.add_argument("--ablate", default="", help="also run mst with these fixed chunk counts (comma-separated)")
+    p.add_argument("--cap-mib", type=float, default=0, help="search the longest sequence under this peak per arm")
+    p.add_argument("--cap-start", type=int, default=1024, help="first length of the cap search")
+    p.add_argument("--cap-max", type=int, default=131072, help="longest length the cap search tries")
+    p.add_argument("--cold", action="store_true", help="an empty Inductor cache per process (cold compile time)")
     a = p.parse_args(argv)
     arms, forms = a.arms.split(","), a.forms.split(",")
     for arm in arms:
         if arm not in ARMS + EXTRA_ARMS:
             p.error(f"unknown arm {arm!r}; arms: {ARMS + EXTRA_ARMS}")
     os.makedirs(a.out, exist_ok=True)
-    rows = []
-    for form in forms:
-        for tokens in [int(t) for t in a.tokens.split(",")]:
-            group = []
-            for arm in arms:
-                args = ["--arm", arm, "--form", form, "--tokens", str(tokens), "--model", a.model,
-                        "--steps", str(a.steps), "--dtype", a.dtype] + (["--device", a.device] if a.device else [])  # fmt: skip
-                r = run_worker(args)
-                r.update(arm=arm, form=form, tokens=tokens)
-                group.append(r)
-                print(f"[bench] {form} {tokens} {arm}: " + (f"{r['peak_mib']:.0f} MiB, {r['step_s_median']:.2f} s"
-                      if "peak_mib" in r else "failed"), file=sys.stderr, flush=True)  # fmt: skip
-            base = next((r for r in group if r["arm"] == "compile" and "peak_mib" in r), None)
-            for r in group:
-                if base is not None and "peak_mib" in r:
-                    r["peak_ratio"] = r["peak_mib"] / base["peak_mib"]
-                    r["time_ratio"] = r["step_s_median"] / base["step_s_median"]
-            rows += group
-    table = _fmt_table(rows)
-    print(table)
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    keys = ["form", "tokens", "arm", "peak_mib", "peak_ratio", "step_s_median", "time_ratio", "compile_s", "loss"]
-    with open(os.path.join(a.out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(r for r in rows if "peak_mib" in r)
-    with open(os.path.join(a.out, "table.txt"), "w") as f:
-        f.write(table + "\n")
+    if a.cap_mib:
+        from .search import longest_under_cap
+
+        rows = longest_under_cap(arms, forms, a, measure)
+        output.write_cap(rows, a.out, a.cap_mib)
+        return 0
+    jobs = _jobs(a, arms, forms, [int(t) for t in a.tokens.split(",")])
+    bar, rows = _progress(len(jobs)), []
+    for arm, form, tokens, options in jobs:
+        r = measure(arm, form, tokens, a, options)
+        rows.append(r)
+        done = f"{r['peak_mib']:.0f} MiB, {r['step_s_median']:.2f} s/step" if "peak_mib" in r else "failed"
+        if bar is not None:
+            bar.set_postfix_str(f"{form} {tokens} {r['arm']}: {done}")
+            bar.update()
+        else:
+            print(f"[bench] {form} {tokens} {r['arm']}: {done}", file=sys.stderr, flush=True)
+    if bar is not None:
+        bar.close()
+    output.add_ratios(rows)
+    output.write(rows, a.out)
     return 0
 
 

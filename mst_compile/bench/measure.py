@@ -54,9 +54,10 @@ class PeakMeter:
         return False
 
 
-def run_worker(args: list[str], timeout: float = 1800) -> dict:
-    """Run ``python -m mst_compile.bench.worker ARGS`` in its own process; return its JSON result."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+def run_worker(args: list[str], timeout: float = 1800, env: dict | None = None) -> dict:
+    """Run ``python -m mst_compile.bench.worker ARGS`` in its own process (``env`` added to the environment);
+    return its JSON result."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", **(env or {}))
     proc = subprocess.run(
         [sys.executable, "-m", "mst_compile.bench.worker", *args],
         capture_output=True,

@@ -17,9 +17,11 @@ from .measure import PeakMeter
 from .models import build_llama, token_batch
 
 ARMS = ("eager", "compile", "auto_chunker", "hf_ckpt", "compile_ckpt", "mst", "mst_ckpt")
-#: more peers, step form only (issue 4): activation-memory budgets, a tuned auto_chunker, a model variant
-#: calling F.linear_cross_entropy with its chunked options, and the paper's approach written by hand (eager)
+#: more peers (issue 4): activation-memory budgets, a tuned auto_chunker, a model variant calling
+#: F.linear_cross_entropy with its chunked options, and the paper's approach written by hand (eager)
 EXTRA_ARMS = ("budget_0.5", "budget_0.1", "auto_chunker_tuned", "linear_ce", "paper")
+#: arms that are a loss function, not a model: the step form only
+STEP_ONLY = ("linear_ce", "paper")
 FORMS = ("step", "model")
 
 
@@ -113,10 +115,14 @@ def main(argv=None) -> None:
         arm=a.arm, form=a.form, tokens=a.tokens, model=a.model, device=a.device, peak_mib=round(meter.peak_mib, 1),
         step_s_median=statistics.median(times), step_s=times, compile_s=compile_s, loss=losses[-1],
     )  # fmt: skip
+    from .floor import floor_mib
+
+    result["floor_mib"] = floor_mib(model, a.tokens, checkpointing=a.arm.endswith("ckpt"))
     if a.arm.startswith("mst"):
         import mst_compile
 
         result["rewritten"] = mst_compile.counters["mlp_rewritten"] + mst_compile.counters["head_rewritten"]
+        result["masks_rewritten"] = mst_compile.counters["mask_rewritten"]
     print(json.dumps(result))
 
 

@@ -13,7 +13,7 @@ import os
 
 from torch import fx
 
-from . import head_ce, mlp, normalize
+from . import causal_mask, head_ce, mlp, normalize
 from .common import CantChunk, PassContext
 
 log = logging.getLogger("mst_compile.passes")
@@ -22,6 +22,7 @@ log = logging.getLogger("mst_compile.passes")
 #: too and must not be taken for an MLP.
 PASSES = (
     ("normalize", normalize.rewrite, True),
+    ("causal_mask", causal_mask.rewrite, False),  # finds masks in the root graph, follows them into layers
     ("head_ce", head_ce.rewrite, False),  # its outputs are the model's outputs: root graph only
     ("mlp", mlp.rewrite, True),
 )

@@ -289,7 +289,8 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
         mode = "skip" if cfg.logits == "skip" else ("bridge" if any(needs) else "plain")
     # NOTE [auto chunk count]: one chunk's fp32 logits about the size of the hidden states.
     rows = math.prod(hv.shape[:-1]) if all(isinstance(d, int) for d in hv.shape[:-1]) else None
-    num_chunks, chunk_rows, label = cfg.chunking(max(1, math.ceil(vocab * 4 / (hidden * hv.element_size()))), rows)
+    auto = max(1, math.ceil(vocab * 4 / (hidden * hv.element_size())))
+    num_chunks, chunk_rows, label = cfg.chunking(auto, rows, row_bytes=vocab * 4)  # a chunk's fp32 logits
     return HeadPlan(pre_key, post_key, needs, mode, num_chunks, chunk_rows, label)
 
 

@@ -164,7 +164,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
                 "mlp", body, int(ev.shape[-1]), ev.dtype, params.index(w_exit), params.index(b_exit) if b_exit else -1,
                 autocast=amp,
             )  # fmt: skip
-            num_chunks, chunk_rows, label = ctx.config.chunking(_auto_chunks(x, region), _rows(x))
+            row_bytes = sum((_width(n) or 0) * ev.element_size() for n in region if n is not exit_node)
+            num_chunks, chunk_rows, label = ctx.config.chunking(_auto_chunks(x, region), _rows(x), row_bytes)
             _check_body(ctx, key, x, params, ev)
         except Exception as e:  # noqa: BLE001 - CantChunk, or a bug: either way this region stays as it was
             skip(rec, e)

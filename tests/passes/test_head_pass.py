@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+
+import mst_compile
 import torch.nn.functional as F
 
 from tests.conftest import assert_close_rel, calls, regions, rewrite
@@ -45,6 +47,16 @@ def test_finds_head_and_matches_eager(kw):
     torch.testing.assert_close(out, ref)
     for g, r in zip(got_grads, ref_grads):
         assert_close_rel(g, r)
+
+
+def test_memory_budget_sets_the_head_chunk_size():
+    """A chunk's fp32 logits (V=40: 160 B per token) stay under ``chunk_memory_mib``; values stay exact."""
+    torch.manual_seed(0)
+    head, h, y = LMHead(h=16, v=40), torch.randn(2, 12, 16), torch.randint(0, 40, (2, 12))
+    gm, ctx, ex = rewrite(head, h, y, config=mst_compile.MSTConfig(chunk_memory_mib=160 * 7 / 2**20))
+    (r,) = regions(ctx, "head", "rewritten")
+    assert r.chunks == "4"  # ceil(24 tokens / 7 per chunk)
+    assert_close_rel(gm(*ex)[0], head(h, y))
 
 
 def test_head_is_not_taken_for_an_mlp():

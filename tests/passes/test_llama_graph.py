@@ -36,7 +36,7 @@ def test_exact_regions_of_a_llama():
 def test_llama_without_labels_only_chunks_the_mlps():
     model, ids = _graph()
     _, ctx, _ = rewrite(lambda i: model(input_ids=i).logits, ids)
-    assert [r.kind for r in ctx.regions if r.status == "rewritten"] == ["mlp", "mlp"]
+    assert [r.kind for r in ctx.regions if r.status == "rewritten" and r.kind != "mask"] == ["mlp", "mlp"]
     # the head projection widens too; it is considered and left alone with a reason
     (skipped,) = [r for r in ctx.regions if r.status == "skipped"]
     assert "graph output" in skipped.reason
@@ -45,5 +45,8 @@ def test_llama_without_labels_only_chunks_the_mlps():
 def test_config_switches():
     model, ids = _graph()
     _, ctx, _ = rewrite(lambda i: model(input_ids=i, labels=i).loss, ids, config=mst_compile.MSTConfig(head=False))
+    assert {r.kind for r in ctx.regions if r.status == "rewritten"} == {"mlp", "mask"}
+    cfg = mst_compile.MSTConfig(head=False, causal_mask=False)
+    _, ctx, _ = rewrite(lambda i: model(input_ids=i, labels=i).loss, ids, config=cfg)
     assert {r.kind for r in ctx.regions if r.status == "rewritten"} == {"mlp"}
 

@@ -76,6 +76,17 @@ def test_regions_record_the_nodes_and_chunks():
     assert len(r.nodes) == 5  # gate, silu, up, mul, down
 
 
+def test_memory_budget_sets_the_chunk_size():
+    """``chunk_memory_mib``: one chunk's widened tensors (gate, silu, up, mul: 4 x 48 fp32 = 768 B per token)
+    stay under the budget; the chunk count follows the length."""
+    budget = 768 * 5 / 2**20  # five tokens' worth
+    _, ctx, _ = rewrite(GatedMLP(h=16, i=48), torch.randn(2, 8, 16), config=mst_compile.MSTConfig(chunk_memory_mib=budget))
+    (r,) = _mlp_regions(ctx, "rewritten")
+    assert r.chunks == "4"  # ceil(16 tokens / 5 per chunk)
+    _, ctx, _ = rewrite(GatedMLP(h=16, i=48), torch.randn(2, 20, 16), config=mst_compile.MSTConfig(chunk_memory_mib=budget))
+    assert _mlp_regions(ctx, "rewritten")[0].chunks == "8"
+
+
 def test_attention_projections_are_not_mlps():
     gm, ctx, _ = rewrite(AttentionLike(), torch.randn(1, 6, 16))
     assert not _op_calls(gm)

@@ -1,0 +1,56 @@
+"""The analytic memory floor of one training step, printed next to each measured peak.
+
+floor = gradients of the trainable parameters
+      + the activations that must be saved for backward
+      + one chunk's intermediate (the largest of: one head chunk's fp32 logits, one MLP chunk's widened tensors).
+
+Activations, per decoder layer of a Llama-style model, per token (``H`` hidden, ``Hkv`` key/value width):
+the layer input and the two norm outputs that feed projections (3 H), q, k, v after RoPE (H + 2 Hkv), the
+attention output (H) and its log-sum-exp (one fp32 per head), the residual after attention (H): ``6 H + 2 Hkv``.
+The chunked MLP saves only its input (a norm output, counted) and the fused head saves the gradient of its
+input instead of the input (same size), plus the final norm's input and output (2 H). With per-layer gradient
+checkpointing only each layer's input is kept, and one layer's set is alive again while it is recomputed.
+Nothing of ``tokens x intermediate`` or ``tokens x vocab`` is in the floor: those are what chunking removes.
+Parameters are not counted: they exist before the step (the measured peak is the step's growth above its start).
+"""
+
+from __future__ import annotations
+
+import math
+
+MIB = 2**20
+
+
+def _cfg(model):
+    c = getattr(model, "config", None)
+    if c is None or not hasattr(c, "hidden_size") or not hasattr(c, "intermediate_size"):
+        return None
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    return c.hidden_size, heads * head_dim, kv * head_dim, heads, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+
+
+def chunk_rows(tokens: int, hidden: int, width: int, elem: int, min_rows: int = 512) -> int:
+    """Rows in one chunk under mst's automatic policy (``ops/chunking.py``): ``width / hidden`` chunks (fp32 for
+    the head), never fewer than ``min_rows`` tokens each."""
+    m = max(1, min(math.ceil(width / hidden), tokens // min_rows))
+    return math.ceil(tokens / m)
+
+
+def floor_mib(model, tokens: int, checkpointing: bool = False) -> float | None:
+    """The floor in MiB for ``tokens`` tokens (batch 1), or ``None`` when the model is not Llama-shaped."""
+    shape = _cfg(model)
+    if shape is None:
+        return None
+    h, q_width, kv_width, heads, inter, layers, vocab = shape
+    p = next(model.parameters())
+    elem = p.element_size()
+    grads = sum(x.numel() * x.element_size() for x in model.parameters() if x.requires_grad)
+    per_layer = tokens * ((3 * h + q_width + 2 * kv_width + q_width + h) * elem + heads * 4)
+    final = tokens * 2 * h * elem
+    saved = (layers * tokens * h * elem + per_layer) if checkpointing else layers * per_layer
+    head_rows = chunk_rows(tokens, h, vocab * 4 // elem, elem)
+    mlp_rows = chunk_rows(tokens, h, 2 * inter, elem)
+    chunk = max(head_rows * vocab * 4, mlp_rows * 3 * inter * elem)
+    return (grads + saved + final + chunk) / MIB

@@ -1,0 +1,154 @@
+"""The causal-mask pass: masks proven causal become ``is_causal=True``; every other mask stays."""
+
+import pytest
+import sympy
+import torch
+import torch.nn.functional as F
+
+import mst_compile
+from mst_compile.bench.models import build_llama
+from mst_compile.passes import causal_mask
+from tests.conftest import regions, rewrite
+
+S = 24
+
+
+def _sdpa_calls(gm):
+    subs = [m for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]
+    return [n for g in subs for n in g.graph.nodes if n.op == "call_function" and n.target in causal_mask._SDPA]
+
+
+def _qkv(q_len=S, k_len=S):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(1, 2, q_len, 8, generator=g), torch.randn(1, 2, k_len, 8, generator=g),
+            torch.randn(1, 2, k_len, 8, generator=g))  # fmt: skip
+
+
+def _attn(mask_fn, q_len=S, k_len=S):
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_fn(q.shape[-2], k.shape[-2]))
+
+    return f, _qkv(q_len, k_len)
+
+
+def _run(fn, args, dynamic=False):
+    torch._dynamo.mark_dynamic(args[0], 2) if dynamic else None
+    gm, ctx, ex = rewrite(fn, *args)
+    return gm, regions(ctx, "mask"), ex
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_hf_llama_mask_becomes_is_causal(dynamic):
+    model = build_llama("llama-tiny", hidden_size=32, intermediate_size=96, vocab_size=320)
+    ids = torch.randint(0, 320, (2, S))
+    if dynamic:
+        torch._dynamo.mark_dynamic(ids, 1)
+    gm, ctx, ex = rewrite(lambda i: model(input_ids=i, labels=i).loss, ids)
+    [rec] = regions(ctx, "mask")
+    assert rec.status == "rewritten", rec.reason
+    calls = _sdpa_calls(gm)
+    assert len(calls) == 2 and all(c.kwargs["is_causal"] is True and c.kwargs["attn_mask"] is None for c in calls)
+    # the whole mask subgraph is gone: no tokens x tokens comparison is left
+    assert not [n for n in gm.graph.nodes if getattr(n.target, "__name__", n.target) in ("le", "diff", "cumsum")]
+    if not dynamic:  # (symbolic example inputs can't run; the end-to-end tests cover dynamic shapes)
+        torch.testing.assert_close(gm(*ex)[0], model(input_ids=ids, labels=ids).loss)
+
+
+def test_hf_llama_checkpointed_layers():
+    """The mask is an operand of each checkpointed layer: rewritten inside the bodies, the operand dropped."""
+    model = build_llama("llama-tiny", hidden_size=32, intermediate_size=96, vocab_size=320)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, 320, (1, S))
+    gm, ctx, ex = rewrite(lambda i: model(input_ids=i, labels=i).loss, ids)
+    assert [r.status for r in regions(ctx, "mask")] == ["rewritten"]
+    calls = _sdpa_calls(gm)
+    assert len(calls) == 2 and all(c.kwargs["is_causal"] is True for c in calls)
+    assert "attention_mask" not in gm.code
+    torch.testing.assert_close(gm(*ex)[0], model(input_ids=ids, labels=ids).loss)
+
+
+def test_user_padding_mask_is_left_alone():
+    model = build_llama("llama-tiny", hidden_size=32, intermediate_size=96, vocab_size=320)
+    ids = torch.randint(0, 320, (2, S))
+    am = torch.ones_like(ids)
+    am[0, :5] = 0
+    gm, ctx, _ = rewrite(lambda i, a: model(input_ids=i, attention_mask=a).logits, ids, am)
+    [rec] = regions(ctx, "mask")
+    assert rec.status == "skipped" and rec.reason
+    assert all(c.kwargs["attn_mask"] is not None for c in _sdpa_calls(gm))
+
+
+def test_sliding_window_is_left_alone():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=320, sliding_window=8, use_cache=False)  # fmt: skip
+    model = MistralForCausalLM(cfg)
+    ids = torch.randint(0, 320, (1, S))
+    _, ctx, _ = rewrite(lambda i: model(input_ids=i).logits, ids)
+    assert [r.status for r in regions(ctx, "mask")] == ["skipped"]
+    assert "not the causal mask" in regions(ctx, "mask")[0].reason
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_hand_written_tril_mask(dynamic):
+    def fn(x):  # self-attention of one tensor: one symbolic length under dynamic shapes
+        n = x.shape[-2]
+        return F.scaled_dot_product_attention(x, x, x, attn_mask=torch.ones(n, n, dtype=torch.bool).tril())
+
+    args = _qkv()[:1]
+    gm, [rec], ex = _run(fn, args, dynamic)
+    assert rec.status == "rewritten", rec.reason
+    if not dynamic:
+        torch.testing.assert_close(gm(*ex)[0], fn(*args))
+
+
+@pytest.mark.parametrize(
+    "mask_fn, why",
+    [
+        (lambda lq, lk: torch.arange(lk)[None, :] >= torch.arange(lq)[:, None], "anti-causal"),
+        (lambda lq, lk: torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + 1, "one step ahead"),
+        (lambda lq, lk: torch.ones(lq, lk, dtype=torch.bool).tril(-1), "diagonal excluded"),
+        (lambda lq, lk: (torch.arange(lk)[None, :] <= torch.arange(lq)[:, None])
+         & (torch.arange(lq)[:, None] - torch.arange(lk)[None, :] < 6), "sliding window 6"),  # fmt: skip
+    ],
+)
+def test_near_causal_masks_are_left_alone(mask_fn, why):
+    fn, args = _attn(mask_fn)
+    gm, [rec], ex = _run(fn, args)
+    assert rec.status == "skipped", why
+    torch.testing.assert_close(gm(*ex)[0], fn(*args))
+
+
+def test_query_shorter_than_keys_is_left_alone():
+    """SDPA's is_causal is top-left aligned; a KV-cache style bottom-right mask is not that."""
+    fn, args = _attn(lambda lq, lk: torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq), 8, S)
+    _, [rec], _ = _run(fn, args)
+    assert rec.status == "skipped" and "length" in rec.reason
+
+
+def test_config_switch_and_counter():
+    fn, args = _attn(lambda lq, lk: torch.ones(lq, lk, dtype=torch.bool).tril())
+    gm, ctx, _ = rewrite(fn, *args, config=mst_compile.MSTConfig(causal_mask=False))
+    assert regions(ctx, "mask") == [] and _sdpa_calls(gm)[0].kwargs["attn_mask"] is not None
+
+
+def test_diff_and_cumsum_closed_forms():
+    """HF's packed-sequence detection: cumsum(diff(arange) != 1) is identically 0."""
+    def f(q, k, v):
+        pos = torch.arange(S)[None]
+        packed = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+        causal = torch.arange(S)[None, :] <= torch.arange(S)[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal & (packed[0][:, None] == packed[0][None, :]))
+
+    gm, [rec], ex = _run(f, _qkv())
+    assert rec.status == "rewritten", rec.reason
+    torch.testing.assert_close(gm(*ex)[0], f(*_qkv()))
+
+
+def test_is_kv_le_q_normal_forms():
+    k, q = causal_mask._IDX[0], causal_mask._IDX[1]
+    assert causal_mask._is_kv_le_q(sympy.Le(k, q)) and causal_mask._is_kv_le_q(sympy.Ge(q, k))
+    assert causal_mask._is_kv_le_q(sympy.Lt(k, q + 1)) and causal_mask._is_kv_le_q(sympy.Gt(q + 1, k))
+    assert not causal_mask._is_kv_le_q(sympy.Lt(k, q)) and not causal_mask._is_kv_le_q(sympy.Le(q, k))
