@@ -90,7 +90,10 @@ def test_two_process_training_matches_single_process(tmp_path, mode):
     kinds = [(k, s) for rep in res[0]["reports"] for k, s, _ in rep]
     # DDP: one graph, both layers' MLPs; FSDP2 per layer: the layer graph is compiled once and serves both
     assert kinds.count(("mlp", "rewritten")) == (2 if mode == "ddp" else 1), kinds
-    assert kinds.count(("head", "rewritten")) == 1 and not [k for k in kinds if k[1] != "rewritten"], kinds
+    assert kinds.count(("head", "rewritten")) == 1 and not [k for k in kinds if k[1] != "rewritten" and k[0] != "mask"]
+    # the causal mask: built in the one graph under DDP (rewritten); an input of each per-layer graph under
+    # FSDP2's per-layer compile (a runtime tensor: left alone, correctly)
+    assert kinds.count(("mask", "rewritten" if mode == "ddp" else "skipped")) == 1, kinds
     for r in res:
         for n, g in ref.items():
             torch.testing.assert_close(r["grads"][n], g, rtol=1e-4, atol=1e-6)
