@@ -98,3 +98,44 @@ def test_two_process_training_matches_single_process(tmp_path, mode):
         for n, g in ref.items():
             torch.testing.assert_close(r["grads"][n], g, rtol=1e-4, atol=1e-6)
 
+
+
+def _memory_worker(rank, port, out):
+    """Each rank: the step peak of DDP(compiled with Inductor) and then DDP(compiled with mst), same model."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from mst_compile.bench.measure import PeakMeter
+        from mst_compile.bench.models import build_llama, token_batch
+
+        ids = token_batch(2048, 8192, seed=rank)
+        peaks = {}
+        for backend in ("inductor", "mst"):
+            model = build_llama("llama-mem")
+            run = torch.compile(DDP(model), backend=backend)
+            for i in range(3):  # two warm-up steps, then the measured one
+                with PeakMeter() as m:
+                    run(input_ids=ids, labels=ids).loss.backward()
+                    model.zero_grad(set_to_none=True)
+            peaks[backend] = m.peak_mib
+            del run, model
+        torch.save(peaks, os.path.join(out, f"mem{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_memory_saving_holds_on_every_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # freed blocks go back to the OS (see bench/measure.py)
+    ctx, port = mp.get_context("spawn"), _free_port()
+    procs = [ctx.Process(target=_memory_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=900)
+        assert p.exitcode == 0, f"rank exited with {p.exitcode} (hang or crash)"
+    for r in range(WORLD):
+        peaks = torch.load(tmp_path / f"mem{r}.pt")
+        # measured here: 0.47 on both ranks (119 vs 250 MiB; 2048 tokens per rank, DDP buckets in both arms)
+        assert peaks["mst"] < 0.6 * peaks["inductor"], (r, peaks)
