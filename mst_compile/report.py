@@ -17,7 +17,7 @@ _reports: list["Report"] = []
 
 @dataclass
 class Region:
-    kind: str  # "mlp" | "head"
+    kind: str  # "mlp" | "head" | "mask"
     anchor: str  # the FX node that names the region (the expanding linear / the cross_entropy)
     status: str  # "rewritten" | "skipped"
     reason: str = ""
@@ -28,6 +28,8 @@ class Region:
 
     def line(self) -> str:
         what = f"{self.kind:<4} {self.anchor:<28} {self.status:<9}"
+        if self.status == "rewritten" and self.kind == "mask":
+            return f"{what} {self.shapes} ~{self.bytes_saved / 2**20:.1f} MiB saved"
         if self.status == "rewritten":
             return f"{what} chunks={self.chunks} {self.shapes} ~{self.bytes_saved / 2**20:.1f} MiB saved"
         return f"{what} {self.reason}"

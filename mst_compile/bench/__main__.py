@@ -36,7 +36,7 @@ def _progress(total: int):
 
 def measure(arm: str, form: str, tokens: int, a, options: dict | None = None) -> dict:
     args = ["--arm", arm, "--form", form, "--tokens", str(tokens), "--model", a.model, "--steps", str(a.steps),
-            "--dtype", a.dtype] + (["--device", a.device] if a.device else [])  # fmt: skip
+            "--warmup", str(a.warmup), "--dtype", a.dtype] + (["--device", a.device] if a.device else [])  # fmt: skip
     if options:
         args += ["--options", json.dumps(options)]
     env = None
@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", default="2048", help="comma-separated token counts (batch 1)")
     p.add_argument("--arms", default=",".join(ARMS + EXTRA_ARMS))
     p.add_argument("--forms", default=",".join(FORMS))
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="measured steps per arm (the table shows medians)")
+    p.add_argument("--warmup", type=int, default=2, help="steps before the measured ones (the first compiles)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="bench_out")

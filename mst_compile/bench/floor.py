@@ -12,6 +12,10 @@ input instead of the input (same size), plus the final norm's input and output (
 checkpointing only each layer's input is kept, and one layer's set is alive again while it is recomputed.
 Nothing of ``tokens x intermediate`` or ``tokens x vocab`` is in the floor: those are what chunking removes.
 Parameters are not counted: they exist before the step (the measured peak is the step's growth above its start).
+
+This is the issue's definition, a sum of the terms. Not every term is alive at the same moment (most weight
+gradients appear in backward, as the saved activations are freed), so at short lengths, where the gradients
+dominate, a measured peak can be below this "floor"; at long lengths the activations dominate and it is tight.
 """
 
 from __future__ import annotations

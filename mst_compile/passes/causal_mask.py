@@ -389,7 +389,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
         shape = list(val(mask).shape)
         _drop_operand(gm, mask)
         _erase_dead(gm.graph, [mask])
-        rec.status, rec.chunks = "rewritten", "-"
+        rec.status = "rewritten"
         rec.shapes = f"mask={shape} -> is_causal, {len(uses)} attention calls"
         rec.bytes_saved = _compat.size_hint(math.prod(shape)) * 4  # the float form SDPA saves for backward
         ctx.regions.append(rec)
