@@ -30,12 +30,13 @@ def test_compiled_step_peak_is_well_below_torch_compile(step_peaks):
     assert mst["rewritten"] == 3
     assert abs(mst["loss"] - base["loss"]) < 1e-4 * abs(base["loss"])
     ratio = mst["peak_mib"] / base["peak_mib"]
-    # measured here: ~0.3-0.4 (the target at 8K tokens is <= 0.50); margin for allocator noise
-    assert ratio < 0.6, (mst["peak_mib"], base["peak_mib"])
+    # measured here: 0.26 (74 vs 280 MiB). Without the causal-mask pass it would be ~0.5 (its float mask is
+    # 64 MiB here), without the chunked head and MLP more: either regression fails this bound
+    assert ratio < 0.4, (mst["peak_mib"], base["peak_mib"])
 
 
 def test_compiled_model_with_logits_returned_peak_is_below_torch_compile():
     base, mst = _peak("compile", "model"), _peak("mst", "model")
     ratio = mst["peak_mib"] / base["peak_mib"]
-    # the returned logits alone are ~1/4 of torch.compile's peak here; mst must not add a second copy
-    assert ratio < 0.75, (mst["peak_mib"], base["peak_mib"])
+    # measured here: 0.38 (202 vs 532 MiB); the returned logits alone are 128 MiB, a second copy fails this
+    assert ratio < 0.55, (mst["peak_mib"], base["peak_mib"])
