@@ -286,3 +286,5 @@ def test_dynamic_sequence_length_keeps_chunking_without_recompiles(llama):
         _check(llama, ref, _eager(cm, ids, labels))
     assert mst_compile.counters["graphs"] == 1  # one compile serves every length
     assert mst_compile.counters["head_rewritten"] == 1 and mst_compile.counters["fallback_compile"] == 0
+    # the causal mask is proven for a symbolic length: rewritten once, valid for every length
+    assert mst_compile.counters["mask_rewritten"] == 1
