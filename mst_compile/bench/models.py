@@ -14,6 +14,9 @@ CONFIGS = {
     # a large vocabulary relative to the hidden size (Qwen2-like: V=151936, tied embeddings, GQA)
     "qwen-vocab": dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=8,
                        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    # examples/train_long_context.py's model at --hidden 128: byte-level vocabulary, the MLP is the big layer
+    "byte-llama": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=256),
     # small enough for unit tests
     "llama-tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=4096),
