@@ -11,7 +11,8 @@ The chunked MLP saves only its input (a norm output, counted) and the fused head
 input instead of the input (same size), plus the final norm's input and output (2 H). With per-layer gradient
 checkpointing only each layer's input is kept, and one layer's set is alive again while it is recomputed.
 Nothing of ``tokens x intermediate`` or ``tokens x vocab`` is in the floor: those are what chunking removes.
-Parameters are not counted: they exist before the step (the measured peak is the step's growth above its start).
+In the model form the returned logits (``tokens x vocab`` in the model dtype) are an output the caller holds, so
+they are in the floor too. Parameters are not counted: they exist before the step (the measured peak is the step's growth above its start).
 
 This is the issue's definition, a sum of the terms. Not every term is alive at the same moment (most weight
 gradients appear in backward, as the saved activations are freed), so at short lengths, where the gradients
@@ -42,7 +43,7 @@ def chunk_rows(tokens: int, hidden: int, width: int, elem: int, min_rows: int = 
     return math.ceil(tokens / m)
 
 
-def floor_mib(model, tokens: int, checkpointing: bool = False) -> float | None:
+def floor_mib(model, tokens: int, checkpointing: bool = False, logits_returned: bool = False) -> float | None:
     """The floor in MiB for ``tokens`` tokens (batch 1), or ``None`` when the model is not Llama-shaped."""
     shape = _cfg(model)
     if shape is None:
@@ -57,4 +58,5 @@ def floor_mib(model, tokens: int, checkpointing: bool = False) -> float | None:
     head_rows = chunk_rows(tokens, h, vocab * 4 // elem, elem)
     mlp_rows = chunk_rows(tokens, h, 2 * inter, elem)
     chunk = max(head_rows * vocab * 4, mlp_rows * 3 * inter * elem)
-    return (grads + saved + final + chunk) / MIB
+    out = tokens * vocab * elem if logits_returned else 0
+    return (grads + saved + final + chunk + out) / MIB

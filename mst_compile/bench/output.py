@@ -61,7 +61,9 @@ def plot(rows: list[dict], path: str) -> bool:
     if not forms:
         return False
     fig, axes = plt.subplots(1, len(forms), figsize=(6.5 * len(forms), 4.5), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
     for ax, form in zip(axes[0], forms):
+        ax.set_prop_cycle(color=colors)
         for arm in dict.fromkeys(r["arm"] for r in ok if r["form"] == form):
             pts = sorted((r["tokens"], r["peak_mib"]) for r in ok if r["form"] == form and r["arm"] == arm)
             ax.plot(*zip(*pts), marker="o", label=arm, lw=2.5 if arm.startswith("mst") else 1.2)

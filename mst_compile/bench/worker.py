@@ -118,7 +118,7 @@ def main(argv=None) -> None:
     )  # fmt: skip
     from .floor import floor_mib
 
-    result["floor_mib"] = floor_mib(model, a.tokens, checkpointing=a.arm.endswith("ckpt"))
+    result["floor_mib"] = floor_mib(model, a.tokens, checkpointing=a.arm.endswith("ckpt"), logits_returned=a.form == "model")
     if a.arm.startswith("mst"):
         import mst_compile
 
