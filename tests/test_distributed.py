@@ -100,13 +100,26 @@ def test_two_process_training_matches_single_process(tmp_path, mode):
 
 
 
-def _memory_worker(rank, port, out):
-    """Each rank: the step peak of DDP(compiled with Inductor) and then DDP(compiled with mst), same model."""
+def _wrap(model, mode, backend):
+    """DDP around the compiled model, or FSDP2 per layer + root with per-layer compile (torchtitan's way)."""
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return torch.compile(DDP(model), backend=backend)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+        layer.compile(backend=backend)
+    fully_shard(model)
+    return torch.compile(model, backend=backend)
+
+
+def _memory_worker(rank, port, mode, out):
+    """Each rank: the step peak of the model compiled with Inductor, then with mst, same wrapper."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         from mst_compile.bench.measure import PeakMeter
         from mst_compile.bench.models import build_llama, token_batch
 
@@ -114,7 +127,7 @@ def _memory_worker(rank, port, out):
         peaks = {}
         for backend in ("inductor", "mst"):
             model = build_llama("llama-mem")
-            run = torch.compile(DDP(model), backend=backend)
+            run = _wrap(model, mode, backend)
             for i in range(3):  # two warm-up steps, then the measured one
                 with PeakMeter() as m:
                     run(input_ids=ids, labels=ids).loss.backward()
@@ -126,10 +139,11 @@ def _memory_worker(rank, port, out):
         dist.destroy_process_group()
 
 
-def test_memory_saving_holds_on_every_rank(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_memory_saving_holds_on_every_rank(tmp_path, monkeypatch, mode):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # freed blocks go back to the OS (see bench/measure.py)
     ctx, port = mp.get_context("spawn"), _free_port()
-    procs = [ctx.Process(target=_memory_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
+    procs = [ctx.Process(target=_memory_worker, args=(r, port, mode, str(tmp_path))) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -137,5 +151,6 @@ def test_memory_saving_holds_on_every_rank(tmp_path, monkeypatch):
         assert p.exitcode == 0, f"rank exited with {p.exitcode} (hang or crash)"
     for r in range(WORLD):
         peaks = torch.load(tmp_path / f"mem{r}.pt")
-        # measured here: 0.47 on both ranks (119 vs 250 MiB; 2048 tokens per rank, DDP buckets in both arms)
-        assert peaks["mst"] < 0.6 * peaks["inductor"], (r, peaks)
+        # measured here, the same on both ranks (2048 tokens per rank): DDP 0.47 (119 vs 250 MiB); FSDP2 0.58
+        # (160 vs 275 MiB: per-layer graphs receive the causal mask as an input, which no graph can prove causal)
+        assert peaks["mst"] < (0.6 if mode == "ddp" else 0.7) * peaks["inductor"], (r, peaks)
