@@ -19,7 +19,8 @@ from .models import build_llama, token_batch
 ARMS = ("eager", "compile", "auto_chunker", "hf_ckpt", "compile_ckpt", "mst", "mst_ckpt")
 #: more peers (issue 4): activation-memory budgets, a tuned auto_chunker, a model variant calling
 #: F.linear_cross_entropy with its chunked options, and the paper's approach written by hand (eager)
-EXTRA_ARMS = ("budget_0.5", "budget_0.1", "auto_chunker_tuned", "linear_ce", "paper")
+EXTRA_ARMS = ("budget_0.5", "budget_0.1", "auto_chunker_tuned", "auto_chunker_n8", "auto_chunker_n32", "linear_ce",
+              "paper")  # fmt: skip
 #: arms that are a loss function, not a model: the step form only
 STEP_ONLY = ("linear_ce", "paper")
 FORMS = ("step", "model")
@@ -29,11 +30,11 @@ def prepare(arm: str, form: str, model, options: dict | None = None):
     """The callable ``ids -> loss (and the output object kept alive)`` for one arm and form."""
     if arm in ("hf_ckpt", "compile_ckpt", "mst_ckpt") and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if arm in ("auto_chunker", "auto_chunker_tuned"):
+    if arm.startswith("auto_chunker"):
         _compat.inductor_config().auto_chunker.enable = True
-    if arm == "auto_chunker_tuned":
+    if arm.startswith("auto_chunker_"):  # tuned: a lower amplification threshold, 16 (or 8, 32) chunks
         _compat.inductor_config().auto_chunker.amplify_ratio_threshold = 2
-        _compat.inductor_config().auto_chunker.num_chunk = 16
+        _compat.inductor_config().auto_chunker.num_chunk = int(arm[14:]) if arm.startswith("auto_chunker_n") else 16
     if arm.startswith("budget_"):
         _compat.functorch_config().activation_memory_budget = float(arm.split("_")[1])
     if arm in ("linear_ce", "paper"):
@@ -42,8 +43,7 @@ def prepare(arm: str, form: str, model, options: dict | None = None):
         fn = linear_ce_loss(model) if arm == "linear_ce" else paper_loss(model)
         target = torch.compile(fn) if arm == "linear_ce" else fn
         return lambda ids: (target(ids), None)
-    backend = {"compile": "inductor", "compile_ckpt": "inductor", "auto_chunker": "inductor",
-               "auto_chunker_tuned": "inductor", "budget_0.5": "inductor", "budget_0.1": "inductor"}.get(arm)  # fmt: skip
+    backend = "inductor" if arm in ("compile", "compile_ckpt") or arm.startswith(("auto_chunker", "budget_")) else None
     if arm in ("mst", "mst_ckpt"):
         backend = "mst"
     kwargs = {"options": options} if (backend == "mst" and options) else {}
