@@ -28,6 +28,32 @@ def _batch():
     return torch.randint(3, zoo.V, (WORLD * 2, 20), generator=g)
 
 
+def _wrap(model, mode, backend, options=None):
+    """DDP around the compiled model, or FSDP2 per layer + root with per-layer compile (torchtitan's way)."""
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return torch.compile(DDP(model), backend=backend, options=options)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+        layer.compile(backend=backend, options=options)
+    fully_shard(model)
+    return torch.compile(model, backend=backend, options=options)
+
+
+def _launch(target, *args, timeout=600):
+    """Run ``target(rank, port, *args)`` in ``WORLD`` spawned processes; every rank must exit cleanly."""
+    ctx, port = mp.get_context("spawn"), _free_port()
+    procs = [ctx.Process(target=target, args=(r, port, *args)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+        assert p.exitcode == 0, f"rank exited with {p.exitcode} (hang or crash)"
+
+
 def _worker(rank, port, mode, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -38,18 +64,7 @@ def _worker(rank, port, mode, out):
         torch.manual_seed(0)
         model = zoo.build("llama")
         ids = _batch().chunk(WORLD)[rank]
-        if mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            wrapped = torch.compile(DDP(model), backend="mst", options={"num_chunks": 3})
-        else:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.model.layers:
-                fully_shard(layer)
-                layer.compile(backend="mst", options={"num_chunks": 3})  # per layer, the torchtitan way
-            fully_shard(model)
-            wrapped = torch.compile(model, backend="mst", options={"num_chunks": 3})
+        wrapped = _wrap(model, mode, "mst", {"num_chunks": 3})
         loss = wrapped(input_ids=ids, labels=ids).loss
         loss.backward()
         grads = {}
@@ -77,13 +92,7 @@ def _single():
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_process_training_matches_single_process(tmp_path, mode):
-    ctx, port = mp.get_context("spawn"), _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, mode, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-        assert p.exitcode == 0, f"rank exited with {p.exitcode} (hang or crash)"
+    _launch(_worker, mode, str(tmp_path))
     res = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
     ref = _single()
     assert res[0]["reports"] == res[1]["reports"]  # same regions, same chunk counts on every rank
@@ -100,19 +109,6 @@ def test_two_process_training_matches_single_process(tmp_path, mode):
 
 
 
-def _wrap(model, mode, backend):
-    """DDP around the compiled model, or FSDP2 per layer + root with per-layer compile (torchtitan's way)."""
-    if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return torch.compile(DDP(model), backend=backend)
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.model.layers:
-        fully_shard(layer)
-        layer.compile(backend=backend)
-    fully_shard(model)
-    return torch.compile(model, backend=backend)
 
 
 def _memory_worker(rank, port, mode, out):
@@ -142,13 +138,7 @@ def _memory_worker(rank, port, mode, out):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_memory_saving_holds_on_every_rank(tmp_path, monkeypatch, mode):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # freed blocks go back to the OS (see bench/measure.py)
-    ctx, port = mp.get_context("spawn"), _free_port()
-    procs = [ctx.Process(target=_memory_worker, args=(r, port, mode, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=900)
-        assert p.exitcode == 0, f"rank exited with {p.exitcode} (hang or crash)"
+    _launch(_memory_worker, mode, str(tmp_path), timeout=900)
     for r in range(WORLD):
         peaks = torch.load(tmp_path / f"mem{r}.pt")
         # measured here, the same on both ranks (2048 tokens per rank): DDP 0.47 (119 vs 250 MiB); FSDP2 0.58
