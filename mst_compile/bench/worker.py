@@ -118,7 +118,8 @@ def main(argv=None) -> None:
     )  # fmt: skip
     from .floor import floor_mib
 
-    result["floor_mib"] = floor_mib(model, a.tokens, checkpointing=a.arm.endswith("ckpt"), logits_returned=a.form == "model")
+    ckpt, logits_out = a.arm.endswith("ckpt"), a.form == "model"
+    result["floor_mib"] = floor_mib(model, a.tokens, checkpointing=ckpt, logits_returned=logits_out)
     if a.arm.startswith("mst"):
         import mst_compile
 
