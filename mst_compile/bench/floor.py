@@ -12,7 +12,8 @@ input instead of the input (same size), plus the final norm's input and output (
 checkpointing only each layer's input is kept, and one layer's set is alive again while it is recomputed.
 Nothing of ``tokens x intermediate`` or ``tokens x vocab`` is in the floor: those are what chunking removes.
 In the model form the returned logits (``tokens x vocab`` in the model dtype) are an output the caller holds, so
-they are in the floor too. Parameters are not counted: they exist before the step (the measured peak is the step's growth above its start).
+they are in the floor too. Parameters are not counted: they exist before the step (the measured peak is the
+step's growth above its start).
 
 This is the issue's definition, a sum of the terms. Not every term is alive at the same moment (most weight
 gradients appear in backward, as the saved activations are freed), so at short lengths, where the gradients
