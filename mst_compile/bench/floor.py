@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import math
 
+from ..config import MSTConfig
+from ..ops.chunking import chunk_bounds
+
 MIB = 2**20
 
 
@@ -37,11 +40,11 @@ def _cfg(model):
     return c.hidden_size, heads * head_dim, kv * head_dim, heads, c.intermediate_size, c.num_hidden_layers, c.vocab_size
 
 
-def chunk_rows(tokens: int, hidden: int, width: int, elem: int, min_rows: int = 512) -> int:
-    """Rows in one chunk under mst's automatic policy (``ops/chunking.py``): ``width / hidden`` chunks (fp32 for
-    the head), never fewer than ``min_rows`` tokens each."""
-    m = max(1, min(math.ceil(width / hidden), tokens // min_rows))
-    return math.ceil(tokens / m)
+def chunk_rows(tokens: int, hidden: int, width: int) -> int:
+    """Rows in the first (largest) chunk under mst's automatic policy: ``width / hidden`` chunks (fp32 widths
+    for the head), never fewer than ``min_chunk_tokens`` tokens each - the ops' own ``chunk_bounds``."""
+    start, stop = chunk_bounds(tokens, math.ceil(width / hidden), MSTConfig().min_chunk_tokens)[0]
+    return stop - start
 
 
 def floor_mib(model, tokens: int, checkpointing: bool = False, logits_returned: bool = False) -> float | None:
@@ -56,8 +59,8 @@ def floor_mib(model, tokens: int, checkpointing: bool = False, logits_returned: 
     per_layer = tokens * ((3 * h + q_width + 2 * kv_width + q_width + h) * elem + heads * 4)
     final = tokens * 2 * h * elem
     saved = (layers * tokens * h * elem + per_layer) if checkpointing else layers * per_layer
-    head_rows = chunk_rows(tokens, h, vocab * 4 // elem, elem)
-    mlp_rows = chunk_rows(tokens, h, 2 * inter, elem)
+    head_rows = chunk_rows(tokens, h, vocab * 4 // elem)
+    mlp_rows = chunk_rows(tokens, h, 2 * inter)
     chunk = max(head_rows * vocab * 4, mlp_rows * 3 * inter * elem)
     out = tokens * vocab * elem if logits_returned else 0
     return (grads + saved + final + chunk + out) / MIB

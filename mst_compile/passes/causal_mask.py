@@ -75,8 +75,8 @@ def _shape(n) -> tuple:
 
 
 def _remap(expr, old_rank: int, new_rank: int, where: dict):
-    """Rename index symbols: old dimension ``d`` (from the left) becomes the expression ``where[d]`` written
-    with the new tensor's dimensions given as ``('dim', e)`` placeholders; done simultaneously."""
+    """Rename index symbols: old dimension ``d`` (from the left) becomes the expression ``where[d]``, written in
+    the new tensor's index symbols; all substitutions at once (old and new symbols share names)."""
     subs = {_IDX[old_rank - 1 - d]: e for d, e in where.items()}
     tmp = {_IDX[k]: _TMP[k] for k in range(new_rank)}
     subs = {s: sympy.sympify(e).xreplace(tmp) for s, e in subs.items()}
@@ -326,16 +326,23 @@ def _set_causal(n: fx.Node) -> None:
     n.args, n.kwargs = tuple(args), kwargs
 
 
+def _checkpoint_body(gm: fx.GraphModule, u: fx.Node):
+    """``(body, placeholders)`` when ``u`` calls a checkpointed layer (its operands are ``u.args[1:]``)."""
+    if u.op != "call_function" or getattr(u.target, "__name__", "") != _HOP_CHECKPOINT:
+        return None
+    body = getattr(gm, u.args[0].target, None) if isinstance(u.args[0], fx.Node) else None
+    if not isinstance(body, fx.GraphModule):
+        return None
+    return body, [p for p in body.graph.nodes if p.op == "placeholder"]
+
+
 def _uses(gm: fx.GraphModule, mask: fx.Node):
     """``(graph, sdpa node)`` for every SDPA reading ``mask``, directly or inside a checkpointed layer."""
     for u in list(mask.users):
         if _sdpa_mask(u) is mask:
             yield gm, u
-        elif u.op == "call_function" and getattr(u.target, "__name__", "") == _HOP_CHECKPOINT:
-            body = getattr(gm, u.args[0].target, None) if isinstance(u.args[0], fx.Node) else None
-            if not isinstance(body, fx.GraphModule):
-                continue
-            ph = [p for p in body.graph.nodes if p.op == "placeholder"]
+        elif (hop := _checkpoint_body(gm, u)) is not None:
+            body, ph = hop
             for pos, a in enumerate(u.args[1:]):
                 if a is mask and pos < len(ph):
                     yield from ((body, s) for s in list(ph[pos].users) if _sdpa_mask(s) is ph[pos])
@@ -355,10 +362,10 @@ def _erase_dead(graph: fx.Graph, nodes) -> None:
 def _drop_operand(gm: fx.GraphModule, mask: fx.Node) -> None:
     """A checkpointed layer whose body no longer reads the mask stops taking it as an operand."""
     for u in list(mask.users):
-        if u.op != "call_function" or getattr(u.target, "__name__", "") != _HOP_CHECKPOINT:
+        hop = _checkpoint_body(gm, u)
+        if hop is None:
             continue
-        body = getattr(gm, u.args[0].target)
-        ph = [p for p in body.graph.nodes if p.op == "placeholder"]
+        body, ph = hop
         keep = [pos for pos, a in enumerate(u.args[1:]) if not (a is mask and not ph[pos].users)]
         if len(keep) == len(ph):
             continue
@@ -374,8 +381,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
     if not ctx.config.causal_mask:
         return
     ip = _Interp()
-    for mask in [n for n in gm.graph.nodes if any(True for _ in _uses(gm, n))]:
-        uses = list(_uses(gm, mask))
+    candidates = [(n, uses) for n in gm.graph.nodes if (uses := list(_uses(gm, n)))]
+    for mask, uses in candidates:
         rec = Region("mask", mask.name, "skipped")
         try:
             for _, s in uses:
