@@ -18,3 +18,11 @@ def test_bench_smoke(tmp_path):
     assert rows[1]["rewritten"] == 3
     assert abs(rows[1]["loss"] - rows[0]["loss"]) < 1e-4 * rows[0]["loss"]  # same model, same tokens
     assert "peak/compile" in out.stdout and (tmp_path / "results.csv").exists()
+
+
+def test_ablate_spec():
+    from mst_compile.bench.__main__ import _ablations
+
+    assert _ablations("8,16") == [{"num_chunks": 8}, {"num_chunks": 16}]
+    assert _ablations("min_chunk_tokens=128,4") == [{"min_chunk_tokens": 128}, {"num_chunks": 4}]
+    assert _ablations("") == []

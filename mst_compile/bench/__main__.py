@@ -3,6 +3,7 @@
     python -m mst_compile.bench                                  # every arm, both forms, 2048 tokens
     python -m mst_compile.bench --tokens 2048,8192,16384 --out bench_out
     python -m mst_compile.bench --ablate 4,8,16,32,64 --tokens 8192   # mst at fixed chunk counts vs automatic
+    python -m mst_compile.bench --ablate min_chunk_tokens=128 --model qwen-vocab   # any mst option
     python -m mst_compile.bench --cap-mib 1024 --arms eager,compile,mst  # longest sequence under a memory cap
 
 Prints a table of peak MiB of one step, the analytic floor (``floor.py``), the peak ratio and the median
@@ -48,13 +49,21 @@ def measure(arm: str, form: str, tokens: int, a, options: dict | None = None) ->
     return r
 
 
+def _ablations(spec: str) -> list[dict]:
+    """``--ablate 8,16`` -> fixed chunk counts; ``--ablate min_chunk_tokens=128`` -> any mst option."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.rpartition("=")
+        out.append({key or "num_chunks": int(value)})
+    return out
+
+
 def _jobs(a, arms, forms, tokens_list):
     jobs = []
     for form in forms:
         for tokens in tokens_list:
             jobs += [(arm, form, tokens, None) for arm in arms if not (form == "model" and arm in STEP_ONLY)]
-            if a.ablate:
-                jobs += [("mst", form, tokens, {"num_chunks": int(m)}) for m in a.ablate.split(",")]
+            jobs += [("mst", form, tokens, opts) for opts in _ablations(a.ablate)]
     return jobs
 
 
@@ -70,7 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="bench_out")
-    p.add_argument("--ablate", default="", help="also run mst with these fixed chunk counts (comma-separated)")
+    p.add_argument("--ablate", default="",
+                   help="also run mst with these fixed chunk counts, or options as key=int (comma-separated)")
     p.add_argument("--cap-mib", type=float, default=0, help="search the longest sequence under this peak per arm")
     p.add_argument("--cap-start", type=int, default=1024, help="first length of the cap search")
     p.add_argument("--cap-max", type=int, default=131072, help="longest length the cap search tries")

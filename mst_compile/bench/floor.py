@@ -40,10 +40,10 @@ def _cfg(model):
     return c.hidden_size, heads * head_dim, kv * head_dim, heads, c.intermediate_size, c.num_hidden_layers, c.vocab_size
 
 
-def chunk_rows(tokens: int, hidden: int, width: int) -> int:
+def chunk_rows(tokens: int, hidden: int, width: int, row_bytes: int) -> int:
     """Rows in the first (largest) chunk under mst's automatic policy: ``width / hidden`` chunks (fp32 widths
-    for the head), never fewer than ``min_chunk_tokens`` tokens each - the ops' own ``chunk_bounds``."""
-    start, stop = chunk_bounds(tokens, math.ceil(width / hidden), MSTConfig().min_chunk_tokens)[0]
+    for the head), never fewer than the policy's minimum tokens each - the ops' own ``chunk_bounds``."""
+    start, stop = chunk_bounds(tokens, math.ceil(width / hidden), MSTConfig().min_rows(row_bytes))[0]
     return stop - start
 
 
@@ -59,8 +59,8 @@ def floor_mib(model, tokens: int, checkpointing: bool = False, logits_returned: 
     per_layer = tokens * ((3 * h + q_width + 2 * kv_width + q_width + h) * elem + heads * 4)
     final = tokens * 2 * h * elem
     saved = (layers * tokens * h * elem + per_layer) if checkpointing else layers * per_layer
-    head_rows = chunk_rows(tokens, h, vocab * 4 // elem)
-    mlp_rows = chunk_rows(tokens, h, 2 * inter)
+    head_rows = chunk_rows(tokens, h, vocab * 4 // elem, vocab * 4)
+    mlp_rows = chunk_rows(tokens, h, 2 * inter, 3 * inter * elem)
     chunk = max(head_rows * vocab * 4, mlp_rows * 3 * inter * elem)
     out = tokens * vocab * elem if logits_returned else 0
     return (grads + saved + final + chunk + out) / MIB

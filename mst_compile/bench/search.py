@@ -2,7 +2,7 @@
 
 Lengths double from ``--cap-start`` until a step's peak exceeds the cap (or the run fails), then two bisection
 steps between the last length that fit and the first that did not (resolution: a quarter of that interval,
-rounded to 256 tokens). Each length is one worker process, like every other measurement of the benchmark.
+rounded to 256 tokens, or to a quarter of ``--cap-start`` when that is smaller). Each length is one worker process, like every other measurement of the benchmark.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ def longest_under_cap(arms, forms, a, measure) -> list[dict]:
                     hi = n
                     break
                 lo, n = n, n * 2
+            step = max(16, min(ROUND, a.cap_start // 4))
             for _ in range(2 if hi is not None and lo else 0):
-                mid = (lo + hi) // 2 // ROUND * ROUND
+                mid = (lo + hi) // 2 // step * step
                 if mid in (lo, hi):
                     break
                 r = measure(arm, form, mid, a)

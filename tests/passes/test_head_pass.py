@@ -59,6 +59,28 @@ def test_memory_budget_sets_the_head_chunk_size():
     assert_close_rel(gm(*ex)[0], head(h, y))
 
 
+def test_large_vocabulary_lowers_the_minimum_chunk():
+    """NOTE [minimum chunk]: a 512-token chunk of V=90000 fp32 logits is 176 MiB (> 64), so the automatic policy
+    goes down to 256-token chunks (3 for 768 tokens; 1 at the 512 minimum); a set ``min_chunk_tokens`` wins."""
+    head, h, y = LMHead(h=8, v=90000), torch.randn(1, 768, 8), torch.randint(0, 90000, (1, 768))
+    with torch.no_grad():
+        _, ctx, _ = rewrite(head, h, y)
+        (r,) = regions(ctx, "head", "rewritten")
+        assert r.chunks == "3"
+        torch._dynamo.reset()
+        _, ctx, _ = rewrite(head, h, y, config=mst_compile.MSTConfig(min_chunk_tokens=512))
+        assert regions(ctx, "head", "rewritten")[0].chunks == "1"
+
+
+def test_minimum_chunk_policy():
+    cfg = mst_compile.MSTConfig()
+    assert cfg.min_rows(32000 * 4) == 512  # Llama-sized vocabulary: 62.5 MiB per 512 tokens, unchanged
+    assert cfg.min_rows(151936 * 4) == 256  # Qwen-sized: never below 256
+    assert cfg.min_rows(50000 * 4) == 335  # in between: the largest chunk under 64 MiB
+    assert mst_compile.MSTConfig(min_chunk_tokens=64).min_rows(151936 * 4) == 64
+    assert cfg.chunking(300, 4096, row_bytes=151936 * 4)[2] == "16"
+
+
 def test_head_is_not_taken_for_an_mlp():
     _, ctx, _ = rewrite(LMHead(), torch.randn(1, 5, 16), torch.randint(0, 200, (1, 5)))
     assert not regions(ctx, "mlp")
