@@ -26,3 +26,22 @@ def test_ablate_spec():
     assert _ablations("8,16") == [{"num_chunks": 8}, {"num_chunks": 16}]
     assert _ablations("min_chunk_tokens=128,4") == [{"min_chunk_tokens": 128}, {"num_chunks": 4}]
     assert _ablations("") == []
+
+
+def test_cap_search_doubles_then_bisects():
+    """A fake arm whose peak is 1 MiB per token: under a 700 MiB cap the search finds 640 from 128 (doubling to
+    1024, then 768 and 640 at a quarter of --cap-start); each length is measured once."""
+    from types import SimpleNamespace
+
+    from mst_compile.bench.search import longest_under_cap
+
+    calls = []
+
+    def measure(arm, form, n, a):
+        calls.append(n)
+        return {"peak_mib": float(n)}
+
+    a = SimpleNamespace(cap_start=128, cap_max=4096, cap_mib=700)
+    (row,) = longest_under_cap(["x"], ["step"], a, measure)
+    assert (row["longest"], row["first_over"]) == (640, 768)
+    assert calls == [128, 256, 512, 1024, 768, 640]
