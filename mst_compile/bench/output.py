@@ -96,15 +96,19 @@ def write(rows: list[dict], out: str) -> None:
 
 
 def write_cap(rows: list[dict], out: str, cap: float) -> None:
-    """The cap search's table: longest length per arm and form, and its ratio to compile's and eager's."""
+    """The cap search's table: longest length per arm and form, and its ratio to compile's, eager's and the two
+    checkpointing arms' (``>=``: the search reached ``--cap-max`` without going over the cap)."""
+    refs = ("compile", "eager", "compile_ckpt", "hf_ckpt")
     lines = [f"longest sequence with a step peak <= {cap:.0f} MiB (lengths tried: {{tokens: peak MiB}})",
-             f"{'form':<6} {'arm':<20} {'longest':>8} {'x compile':>9} {'x eager':>8}  tried"]  # fmt: skip
+             f"{'form':<6} {'arm':<20} {'longest':>8} " + " ".join(f"{'x ' + b:>14}" for b in refs)
+             + "  tried"]  # fmt: skip
     for r in rows:
         ref = {b["arm"]: b["longest"] for b in rows if b["form"] == r["form"]}
-        ratio = lambda arm: f"{r['longest'] / ref[arm]:.1f}x" if ref.get(arm) else "-"  # noqa: E731
+        bound = ">=" if r.get("first_over") is None else ""
+        ratio = lambda arm: f"{bound}{r['longest'] / ref[arm]:.1f}x" if ref.get(arm) else "-"  # noqa: E731
         tried = ", ".join(f"{t}: {p:.0f}" if p is not None else f"{t}: failed" for t, p in r["tried"])
-        lines.append(f"{r['form']:<6} {r['arm']:<20} {r['longest']:>8} {ratio('compile'):>9} {ratio('eager'):>8}"
-                     f"  {tried}")  # fmt: skip
+        lines.append(f"{r['form']:<6} {r['arm']:<20} {bound + str(r['longest']):>8} "
+                     + " ".join(f"{ratio(b):>14}" for b in refs) + f"  {tried}")  # fmt: skip
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(out, "cap.json"), "w") as f:

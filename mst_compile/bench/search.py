@@ -2,7 +2,8 @@
 
 Lengths double from ``--cap-start`` until a step's peak exceeds the cap (or the run fails), then two bisection
 steps between the last length that fit and the first that did not (resolution: a quarter of that interval,
-rounded to 256 tokens, or to a quarter of ``--cap-start`` when that is smaller). Each length is one worker process, like every other measurement of the benchmark.
+rounded to 256 tokens, or to a quarter of ``--cap-start`` when that is smaller). Each length is one worker
+process, like every other measurement of the benchmark.
 """
 
 from __future__ import annotations
