@@ -17,6 +17,10 @@ CONFIGS = {
     # examples/train_long_context.py's model at --hidden 128: byte-level vocabulary, the MLP is the big layer
     "byte-llama": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=2, vocab_size=256),
+    # the memory tests' large-vocabulary model: a 512-token chunk of its fp32 logits is 128 MiB (> 64: the
+    # automatic policy's minimum chunk drops to 256 tokens, NOTE [minimum chunk]); tied like Qwen2
+    "vocab-mem": dict(hidden_size=64, intermediate_size=224, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=65536, tie_word_embeddings=True),
     # small enough for unit tests
     "llama-tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=4096),
