@@ -69,8 +69,8 @@ def _jobs(a, arms, forms, tokens_list):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mst_compile.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama-small",
-                   help="llama-small | qwen-vocab | byte-llama | llama-mem | vocab-mem | llama-tiny | zoo:<arch>")  # fmt: skip
+    p.add_argument("--model", default="llama-small", help="a name in bench/models.py CONFIGS (llama-small, qwen-vocab, "
+                   "byte-llama, llama-mem, vocab-mem, llama-tiny) or zoo:<arch>")  # fmt: skip
     p.add_argument("--tokens", default="2048", help="comma-separated token counts (batch 1)")
     p.add_argument("--arms", default=",".join(ARMS + EXTRA_ARMS))
     p.add_argument("--forms", default=",".join(FORMS))
