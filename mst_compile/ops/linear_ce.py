@@ -85,6 +85,7 @@ def linear_ce(
             dw.addmm_(gz.t(), hc) if dw.dtype == cd else dw.add_(torch.mm(gz.t(), hc))
         if need_b:
             db += gz.sum(0).to(db.dtype)
+        del gz  # else this chunk's [rows, vocab] gradient is still alive while the next chunk's logits are made
     count = (labels != ignore_index).sum()
     loss = loss_sum / count if mean else loss_sum
     return loss, count, dh, dw.to(w.dtype) if need_w else dw, db.to(b.dtype) if need_b else db, logits

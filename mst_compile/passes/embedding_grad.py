@@ -1,0 +1,131 @@
+"""Post-grad pass: accumulate an embedding's gradient into the other gradient of the same weight.
+
+NOTE [tied embedding gradient]: with tied embeddings (GPT-2, Gemma, Qwen2 small models) the weight ``W`` is
+used twice, by the embedding and by the vocabulary projection, and its gradient is the sum of two ``V x H``
+tensors. The backward graph Inductor receives builds the embedding's part on a fresh zero tensor, then adds::
+
+    zeros = full([V, H], 0)
+    g_emb = _unsafe_masked_index_put_accumulate(zeros, mask, [ids], rows)   # V x H, mostly zeros
+    g_w   = add(g_head, g_emb)                                               # a third V x H buffer
+
+so three ``V x H`` buffers are alive at once (``g_head``, ``g_emb`` and the sum) where one is needed: 297 MiB
+each at V = 151936, H = 512 in fp32, more than a 4096-token step's activations under mst. Scattering the rows
+straight into the other gradient is the same sum::
+
+    g_w   = _unsafe_masked_index_put_accumulate(g_head, mask, [ids], rows)
+
+(the row sums are added in another order, so results agree to rounding, not bit for bit). The head op (or
+autograd, for an untied model that still adds two gradients this way) produces ``g_head``; this pass does not
+care where it comes from, only that the zero base is a ``full(0)`` of the sum's shape and dtype used nowhere
+else and the other operand has exactly the sum's shape and dtype (no broadcasting).
+
+Before / after (the add is replaced by the scatter into its other operand; the zeros and the first scatter are
+erased when unused).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+
+from .. import _compat
+from ..report import counters
+
+log = logging.getLogger("mst_compile")
+aten = torch.ops.aten
+
+_SCATTERS = (aten._unsafe_masked_index_put_accumulate.default, aten.index_put.default)
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def _zero_base(n) -> bool:
+    return isinstance(n, fx.Node) and n.target is aten.full.default and n.args[1] == 0 and len(n.users) == 1
+
+
+def _accumulating_scatter(n) -> bool:
+    if not isinstance(n, fx.Node) or n.target not in _SCATTERS or len(n.users) != 1:
+        return False
+    if n.target is aten.index_put.default:
+        accumulate = n.args[3] if len(n.args) > 3 else n.kwargs.get("accumulate", False)
+        if not accumulate:
+            return False
+    return _zero_base(n.args[0])
+
+
+def _same(a, b) -> bool:
+    va, vb = _val(a), _val(b)
+    return va is not None and vb is not None and va.shape == vb.shape and va.dtype == vb.dtype
+
+
+def _call(graph: fx.Graph, target, args) -> fx.Node:
+    """A new node with its FakeTensor ``val`` (the later post-grad passes, re-inplacing among them, read it)."""
+    n = graph.call_function(target, args)
+    vals = torch.utils._pytree.tree_map(lambda a: _val(a) if isinstance(a, fx.Node) else a, args)
+    fake = next(v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)).fake_mode
+    with fake:
+        n.meta["val"] = target(*vals)
+    return n
+
+
+def _scatter_into(graph: fx.Graph, other: fx.Node, scatter: fx.Node) -> fx.Node:
+    """``scatter`` with ``other`` as its base, as a functional ``_unsafe_index_put`` / ``index_put`` that
+    Inductor's re-inplacing turns into an in-place scatter into ``other``'s buffer (the masked variant is not
+    in its list of inplaceable ops, so it is spelled out as its decomposition does: clamp, masked rows to 0;
+    only ops Inductor lowers directly, as a post-grad graph is already decomposed)."""
+    if scatter.target is aten.index_put.default:
+        return _call(graph, aten.index_put.default, (other, scatter.args[1], scatter.args[2], True))
+    _, mask, indices, values = scatter.args
+    size = _val(other).shape
+    idx = [None if i is None else _call(graph, aten.clamp_max.default, (_call(graph, aten.clamp_min.default,
+           (i, -size[d])), size[d] - 1)) for d, i in enumerate(indices)]  # fmt: skip
+    masked = _call(graph, aten.where.ScalarOther, (mask, values, 0.0))
+    return _call(graph, aten._unsafe_index_put.default, (other, idx, masked, True))
+
+
+def accumulate_into_other_grad(graph: fx.Graph) -> int:
+    """Rewrite every ``add(x, scatter_accumulate(zeros, ...))`` in ``graph`` into ``scatter_accumulate(x, ...)``;
+    returns how many were rewritten."""
+    done = 0
+    for node in list(graph.nodes):
+        if node.target is not aten.add.Tensor or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+            continue
+        for i in (0, 1):
+            scatter, other = node.args[i], node.args[1 - i]
+            if not (_accumulating_scatter(scatter) and _same(other, node) and _same(scatter, node)):
+                continue
+            base = scatter.args[0]
+            with graph.inserting_before(node):
+                new = _scatter_into(graph, other, scatter)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            graph.erase_node(scatter)
+            if not base.users:
+                graph.erase_node(base)
+            done += 1
+            break
+    if done:
+        counters["embedding_grad_accumulated"] += done  # not bumped on an Inductor cache hit: the pass did not run
+        log.debug("mst: %d embedding gradient(s) accumulated into the other gradient of their weight", done)
+    return done
+
+
+class EmbeddingGradPass(_compat.CustomGraphPass):
+    """The pass as Inductor's ``post_grad_custom_post_pass`` (its ``uuid`` keys Inductor's cache)."""
+
+    def __call__(self, graph: fx.Graph) -> None:
+        try:
+            accumulate_into_other_grad(graph)
+        except Exception:  # noqa: BLE001 - a missed saving, never a failed compile
+            log.warning("mst: the tied-embedding gradient pass failed; graph left as it was", exc_info=True)
+
+    def uuid(self):
+        import hashlib
+        import inspect
+        import sys
+
+        return hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()
