@@ -3,6 +3,9 @@
 Each pass has the signature ``rewrite(gm: fx.GraphModule, ctx: PassContext) -> None``: it finds its regions,
 rewrites those it can, and records every candidate (rewritten or skipped, with the reason) in ``ctx.regions``.
 A region that raises :class:`CantChunk` is left exactly as it was.
+
+One pass runs later, on Inductor's post-grad (aten, forward and backward) graph, as its
+``post_grad_custom_post_pass``: ``embedding_grad`` (NOTE [tied embedding gradient]); the backend installs it.
 """
 
 from __future__ import annotations
