@@ -30,7 +30,7 @@ def test_compiled_step_peak_is_well_below_torch_compile(step_peaks):
     assert mst["rewritten"] == 3
     assert abs(mst["loss"] - base["loss"]) < 1e-4 * abs(base["loss"])
     ratio = mst["peak_mib"] / base["peak_mib"]
-    # measured here: 0.26 (74 vs 280 MiB). Without the causal-mask pass it would be ~0.5 (its float mask is
+    # measured here: 0.21 (58 vs 280 MiB). Without the causal-mask pass it would be ~0.5 (its float mask is
     # 64 MiB here), without the chunked head and MLP more: either regression fails this bound
     assert ratio < 0.4, (mst["peak_mib"], base["peak_mib"])
 
@@ -38,7 +38,7 @@ def test_compiled_step_peak_is_well_below_torch_compile(step_peaks):
 def test_compiled_model_with_logits_returned_peak_is_below_torch_compile():
     base, mst = _peak("compile", "model"), _peak("mst", "model")
     ratio = mst["peak_mib"] / base["peak_mib"]
-    # measured here: 0.38 (202 vs 532 MiB); the returned logits alone are 128 MiB, a second copy fails this
+    # measured here: 0.35 (186 vs 532 MiB); the returned logits alone are 128 MiB, a second copy fails this
     assert ratio < 0.55, (mst["peak_mib"], base["peak_mib"])
 
 
@@ -53,6 +53,7 @@ def test_large_vocabulary_head_chunks_follow_the_minimum_chunk_policy():
         assert "peak_mib" in runs[name], runs[name]
     peak = {k: r["peak_mib"] for k, r in runs.items()}
     assert runs["mst"]["loss"] == pytest.approx(runs["compile"]["loss"], rel=1e-5)
-    # measured here: 154 MiB (256-token chunks) vs 281 (512) vs 548 (torch.compile)
+    # measured here: 90 MiB (256-token chunks) vs 153 (512) vs 548 (torch.compile). Keeping the previous
+    # chunk's logits gradient alive while the next chunk's logits are made (fixed in the op) measured 154: 0.28
     assert peak["mst"] < 0.75 * peak["mst512"], peak
-    assert peak["mst"] < 0.45 * peak["compile"], peak
+    assert peak["mst"] < 0.22 * peak["compile"], peak
