@@ -62,13 +62,16 @@ def _same(a, b) -> bool:
     return va is not None and vb is not None and va.shape == vb.shape and va.dtype == vb.dtype
 
 
-def _call(graph: fx.Graph, target, args) -> fx.Node:
-    """A new node with its FakeTensor ``val`` (the later post-grad passes, re-inplacing among them, read it)."""
+def _call(graph: fx.Graph, target, args: tuple) -> fx.Node:
+    """A new node with its FakeTensor ``val`` (the later post-grad passes, re-inplacing among them, read it).
+    ``args[0]`` is always a tensor node here."""
     n = graph.call_function(target, args)
-    vals = torch.utils._pytree.tree_map(lambda a: _val(a) if isinstance(a, fx.Node) else a, args)
-    fake = next(v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)).fake_mode
-    with fake:
-        n.meta["val"] = target(*vals)
+
+    def val(a):
+        return [val(x) for x in a] if isinstance(a, (list, tuple)) else (_val(a) if isinstance(a, fx.Node) else a)
+
+    with _val(args[0]).fake_mode:
+        n.meta["val"] = target(*val(args))
     return n
 
 
