@@ -35,13 +35,10 @@ class MSTPreGradPass(_compat.CustomGraphPass):
         add_report(report)
 
     def uuid(self):
-        import hashlib
-        import inspect
-
         from . import passes
 
-        src = "".join(inspect.getsource(m) for m in (passes.head_ce, passes.mlp, passes.normalize, passes.common))
-        return hashlib.sha1((src + repr(get_config())).encode()).hexdigest()
+        src = passes.common.source_hash(passes.head_ce, passes.mlp, passes.normalize, passes.common)
+        return src + repr(get_config())
 
 
 def install() -> None:

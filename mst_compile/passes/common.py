@@ -47,6 +47,14 @@ class PassContext:
     allow_logits_output: bool = True
 
 
+def source_hash(*modules) -> str:
+    """A hash of these modules' source: the ``uuid`` of an Inductor custom pass, so that Inductor's caches
+    never serve a graph one version of a pass rewrote to another version."""
+    import hashlib
+
+    return hashlib.sha1("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()
+
+
 def val(n):
     """The fake value Dynamo recorded for a node (``None`` for non-tensor or missing metadata)."""
     if not isinstance(n, fx.Node):
