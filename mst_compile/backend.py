@@ -16,17 +16,23 @@ from .config import MSTConfig, resolve
 from .logits import rebuild_outputs
 from .passes import PassContext, copy_graph_module, run_passes
 from .passes.embedding_grad import EmbeddingGradPass
+from .passes.recompute import RecomputePass
 from .report import Report, add_report
 
 log = logging.getLogger("mst_compile")
 
 
-def _inductor(gm, example_inputs, cfg: MSTConfig, mode: str | None, post_grad: bool = True):
+def _inductor(gm, example_inputs, cfg: MSTConfig, mode: str | None, custom_passes: bool = True):
+    """Inductor's ``compile_fx`` with mst's two Inductor passes installed (unless disabled, in the fallback after
+    an Inductor failure, or where the user set that Inductor option)."""
     if cfg.compiler == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    if post_grad and cfg.enabled and "post_grad_custom_post_pass" not in cfg.inductor:
-        patches["post_grad_custom_post_pass"] = EmbeddingGradPass()  # NOTE [tied embedding gradient]
+    if custom_passes and cfg.enabled:
+        if "post_grad_custom_post_pass" not in cfg.inductor:
+            patches["post_grad_custom_post_pass"] = EmbeddingGradPass()  # NOTE [tied embedding gradient]
+        if cfg.recompute != "none" and "joint_custom_pre_pass" not in cfg.inductor:
+            patches["joint_custom_pre_pass"] = RecomputePass(cfg.recompute)  # NOTE [selective recompute]
     patches.update(cfg.inductor)
     return _compat.compile_fx(gm, example_inputs, config_patches=patches or None)
 
@@ -57,7 +63,7 @@ def mst_backend(gm: fx.GraphModule, example_inputs, options: dict | MSTConfig | 
         report.fallback = f"Inductor failed on the rewritten graph: {type(e).__name__}: {e}"
         warnings.warn(f"mst: {report.fallback}; compiling this graph with plain Inductor", stacklevel=2)
         add_report(report)
-        return _inductor(gm, example_inputs, cfg, mode, post_grad=False)
+        return _inductor(gm, example_inputs, cfg, mode, custom_passes=False)
     add_report(report)
     if not ctx.logits_outputs:
         return compiled

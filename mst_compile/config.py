@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 LOGITS_MODES = ("full", "skip")
 COMPILERS = ("inductor", "aot_eager")
+RECOMPUTE_MODES = ("none", "norms", "attention")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class MSTConfig:
     - ``min_chunk_tokens``: with the automatic chunk count, no chunk is made smaller than this many tokens
       (``None``: 512, lowered toward 256 for a layer whose 512-token chunk would exceed 64 MiB: see
       :meth:`min_rows` and NOTE [minimum chunk]).
+    - ``recompute``: what backward recomputes instead of keeping from the forward (NOTE [selective recompute]):
+      ``"attention"`` (default) the norm outputs and the attention's q, k, v (their projection GEMMs run again
+      right before the attention backward); ``"norms"`` the norm outputs only (no GEMM repeated); ``"none"``
+      leaves the choice to Inductor's partitioner.
     - ``min_expansion``: a linear must widen its input by at least this factor to start an MLP region.
     - ``inductor``: options passed through to Inductor's ``compile_fx`` (``torch._inductor.config`` keys).
     - ``enabled``: ``False`` compiles exactly as plain Inductor would (an A/B switch).
@@ -51,6 +56,7 @@ class MSTConfig:
     chunk_memory_mib: float | None = None
     logits: str = "full"
     min_chunk_tokens: int | None = None
+    recompute: str = "attention"
     min_expansion: float = 1.5
     inductor: dict = field(default_factory=dict)
     enabled: bool = True
@@ -74,6 +80,8 @@ class MSTConfig:
                 raise ValueError(f"mst: option {name!r} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.min_expansion, (int, float)) or self.min_expansion <= 1.0:
             raise ValueError(f"mst: option 'min_expansion' must be a number > 1, got {self.min_expansion!r}")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"mst: option 'recompute' must be one of {RECOMPUTE_MODES}, got {self.recompute!r}")
         if self.compiler not in COMPILERS:
             raise ValueError(f"mst: option 'compiler' must be one of {COMPILERS}, got {self.compiler!r}")
         if not isinstance(self.inductor, dict):
@@ -140,6 +148,7 @@ _ENV = {
     "MST_LOGITS": "logits",
     "MST_MIN_CHUNK_TOKENS": "min_chunk_tokens",
     "MST_MIN_EXPANSION": "min_expansion",
+    "MST_RECOMPUTE": "recompute",
     "MST_COMPILER": "compiler",
     "MST_DUMP_DIR": "dump_dir",
 }

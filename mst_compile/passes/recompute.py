@@ -1,0 +1,171 @@
+"""Joint-graph pass: recompute cheap per-token values in backward instead of keeping them from the forward.
+
+NOTE [selective recompute]: once the MLP and the head are chunked, what a long-sequence step keeps is the
+activations Inductor's partitioner saves per layer. Listed on the benchmark's Llama (H=512, fp32, compiled step
+under mst), each a ``tokens x H`` tensor: the layer input, the attention norm's output (it feeds the q, k, v
+projections, whose weight gradients need it), q, k, v after RoPE, the attention output, the o-projection's
+output (the residual after attention is rebuilt from it), the MLP norm's output (the chunked MLP's saved input)
+and the layer output: 18 for two layers with the final norm. The partitioner keeps the norm outputs because it
+bans recomputing values that backward materializes anyway (``ban_recompute_materialized_backward``: a matmul
+reads them), which saves bandwidth and costs memory; it never recomputes a matmul.
+
+This pass tags forward nodes of the joint graph with ``CheckpointPolicy.PREFER_RECOMPUTE`` (the tag selective
+activation checkpointing uses; the min-cut partitioner must honour it and then schedules each recomputation
+just before its first backward use), in two families:
+
+- ``norms``: the row-wise chain between a normalization and the matmuls or mst ops that read its output
+  (``w * (x * rsqrt(mean(x^2) + eps))``): recomputed from the norm's input and its per-token statistic, which
+  the norm's own backward keeps anyway. No GEMM is repeated.
+- ``attention`` (adds to ``norms``): the attention op's q, k and v, back through RoPE and their projection
+  GEMMs to that same norm chain, recomputed right before the attention backward. Costs the q, k, v GEMMs once
+  more (a few % of a step: the head and the MLP dominate its FLOPs); frees q, k, v between forward and backward.
+
+Before (saved for backward, per layer)::  x, n1 = norm(x), q, k, v, o, o_proj(o), n2, layer output
+After::                                   x, o, o_proj(o), layer output      (+ per-token statistics)
+
+Safety rules, so that a tag never makes the step keep more: a node is tagged only if every forward user of it
+is tagged too (or is the op that consumes the family: the attention op, a matmul, an mst op), so nothing
+outside the recomputed chain loses the value; and every value a tagged chain reads from outside must be
+kept anyway: a graph input, a value backward reads itself, or a small one (under 1/8 of the tensor it helps
+make, such as the statistic or RoPE's position table). A chain that would need anything else is left alone.
+Random ops, nodes that already carry a recompute policy (the user's checkpointing) and the backward are never
+touched. Measured on the benchmark's Llama in the README ("Selective recompute").
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+from torch.utils.checkpoint import CheckpointPolicy
+
+from .. import _compat
+from ..report import counters
+from .common import source_hash, val
+
+log = logging.getLogger("mst_compile")
+aten = torch.ops.aten
+
+
+_LAYOUT = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default, aten.transpose.int,
+    aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default,
+    aten.slice.Tensor, aten.select.int, aten.alias.default, aten.clone.default, aten.cat.default,
+}  # fmt: skip
+_GEMMS = {aten.mm.default, aten.addmm.default, aten.bmm.default}
+_ATTENTION = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default,
+}  # fmt: skip
+_SMALL = 8  # a value read from outside a chain is "small" when 8 of it fit in the tensor it helps make
+
+
+def _cheap(n: fx.Node) -> bool:
+    t = n.target
+    if not isinstance(t, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded in t.tags:
+        return False
+    return t in _LAYOUT or torch.Tag.pointwise in t.tags
+
+
+def _numel(n) -> int:
+    v = val(n)
+    return _compat.size_hint(v.numel()) if isinstance(v, torch.Tensor) else 0
+
+
+def _gemm_input(n: fx.Node) -> fx.Node | None:
+    """The activation operand of a forward matmul (``addmm``'s is its second argument)."""
+    a = n.args[1] if n.target is aten.addmm.default else n.args[0]
+    return a if isinstance(a, fx.Node) else None
+
+
+class _Joint:
+    """The forward part of a joint graph and which forward values backward reads directly."""
+
+    def __init__(self, graph: fx.Graph):
+        tangents = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
+        backward = set(tangents)
+        for n in graph.nodes:
+            if n.op != "output" and any(a in backward for a in n.all_input_nodes):
+                backward.add(n)
+        self.has_backward = bool(tangents)
+        self.forward = {n for n in graph.nodes if n.op == "call_function" and n not in backward}
+        self.read_by_backward = {n for n in graph.nodes if any(u in backward for u in n.users)}
+
+    def walkable(self, n, gemms: bool) -> bool:
+        return (
+            isinstance(n, fx.Node) and n in self.forward and "recompute" not in n.meta
+            and (_cheap(n) or (gemms and n.target in _GEMMS))
+        )  # fmt: skip
+
+    def cone(self, starts, consumers: set, gemms: bool) -> set:
+        """The recomputable chain behind ``starts``, pruned until the safety rules of the module note hold."""
+        cone: set[fx.Node] = set()
+        stack = [s for s in starts if self.walkable(s, gemms)]
+        while stack:
+            n = stack.pop()
+            if n in cone:
+                continue
+            cone.add(n)
+            stack += [a for a in n.all_input_nodes if self.walkable(a, gemms)]
+        changed = True
+        while changed:
+            changed = False
+            for n in list(cone):
+                private = all(u in cone or u in consumers or u not in self.forward for u in n.users)
+                if not private or any(a not in cone and not self._kept(a, n) for a in n.all_input_nodes):
+                    cone.discard(n)
+                    changed = True
+        return cone
+
+    def _kept(self, a: fx.Node, user: fx.Node) -> bool:
+        """``a`` is available to backward at no extra cost: an input, read by backward, small, or already tagged."""
+        if a.op == "placeholder" or a in self.read_by_backward or "recompute" in a.meta:
+            return True
+        return _numel(a) * _SMALL <= _numel(user)
+
+
+def tag_recompute(graph: fx.Graph, mode: str) -> int:
+    """Tag the ``mode`` families (NOTE [selective recompute]) in a joint graph; returns how many nodes."""
+    if mode == "none":
+        return 0
+    joint = _Joint(graph)
+    if not joint.has_backward:
+        return 0  # an inference graph: nothing is saved
+    fwd = joint.forward
+    tags: set[fx.Node] = set()
+    consumers = {n for n in fwd if n.target in _GEMMS or getattr(n.target, "namespace", None) == "mst"}
+    starts = [_gemm_input(n) if n.target in _GEMMS else n.args[0] for n in consumers]
+    tags |= joint.cone(starts, consumers, gemms=False)
+    attentions = 0
+    if mode == "attention":
+        for att in (n for n in fwd if n.target in _ATTENTION):
+            chain = joint.cone([a for a in att.args[:3] if isinstance(a, fx.Node)], {att}, gemms=True)
+            if any(a in chain for a in att.args[:3]):
+                attentions += 1
+            tags |= chain
+    for n in tags:
+        n.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+    if tags:
+        counters["recompute_tagged"] += len(tags)
+        counters["attention_inputs_recomputed"] += attentions
+        log.debug("mst: %d forward nodes recomputed in backward (%d attention inputs)", len(tags), attentions)
+    return len(tags)
+
+
+class RecomputePass(_compat.CustomGraphPass):
+    """The pass as Inductor's ``joint_custom_pre_pass`` (runs on the joint graph before partitioning)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, graph: fx.Graph) -> None:
+        try:
+            tag_recompute(graph, self.mode)
+        except Exception:  # noqa: BLE001 - a missed saving, never a failed compile (tags are set last, at once)
+            log.warning("mst: the selective-recompute pass failed; graph left as it was", exc_info=True)
+
+    def uuid(self):
+        import sys
+
+        return source_hash(sys.modules[__name__]) + self.mode
