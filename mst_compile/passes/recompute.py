@@ -91,6 +91,11 @@ class _Joint:
         self.has_backward = bool(tangents)
         self.forward = {n for n in graph.nodes if n.op == "call_function" and n not in backward}
         self.read_by_backward = {n for n in graph.nodes if any(u in backward for u in n.users)}
+        # forward nodes whose results only backward reads (a ``detach`` of a statistic, a weight's transpose)
+        self.backward_only: set[fx.Node] = set()
+        for n in reversed(graph.nodes):
+            if n in self.forward and n.users and all(u in backward or u in self.backward_only for u in n.users):
+                self.backward_only.add(n)
 
     def walkable(self, n, gemms: bool) -> bool:
         return (
@@ -108,21 +113,24 @@ class _Joint:
                 continue
             cone.add(n)
             stack += [a for a in n.all_input_nodes if self.walkable(a, gemms)]
+        big = max((_numel(n) for n in cone), default=0)
         changed = True
         while changed:
             changed = False
             for n in list(cone):
-                private = all(u in cone or u in consumers or u not in self.forward for u in n.users)
-                if not private or any(a not in cone and not self._kept(a, n) for a in n.all_input_nodes):
+                private = all(u in cone or u in consumers or u not in self.forward or u in self.backward_only
+                              for u in n.users)  # fmt: skip
+                if not private or any(a not in cone and not self._kept(a, big) for a in n.all_input_nodes):
                     cone.discard(n)
                     changed = True
         return cone
 
-    def _kept(self, a: fx.Node, user: fx.Node) -> bool:
-        """``a`` is available to backward at no extra cost: an input, read by backward, small, or already tagged."""
+    def _kept(self, a: fx.Node, big: int) -> bool:
+        """``a`` is available to backward at no extra cost: an input, read by backward, already tagged by the
+        user, or small next to the largest tensor of the chain."""
         if a.op == "placeholder" or a in self.read_by_backward or "recompute" in a.meta:
             return True
-        return _numel(a) * _SMALL <= _numel(user)
+        return _numel(a) * _SMALL <= big
 
 
 def tag_recompute(graph: fx.Graph, mode: str) -> int:
