@@ -10,6 +10,10 @@ attention output (H) and its log-sum-exp (one fp32 per head), the residual after
 The chunked MLP saves only its input (a norm output, counted) and the fused head saves the gradient of its
 input instead of the input (same size), plus the final norm's input and output (2 H). With per-layer gradient
 checkpointing only each layer's input is kept, and one layer's set is alive again while it is recomputed.
+With mst's selective recompute (NOTE [selective recompute], ``recompute=``) the norm outputs (``"norms"``) and
+also q, k, v (``"attention"``) are recomputed in backward instead of saved: the per-layer set drops to
+``4 H + 2 Hkv`` and ``3 H``, and ``"attention"`` adds one layer's q, k, v (``H + 2 Hkv``), which exist again while
+that layer's attention backward runs.
 Nothing of ``tokens x intermediate`` or ``tokens x vocab`` is in the floor: those are what chunking removes.
 In the model form the returned logits (``tokens x vocab`` in the model dtype) are an output the caller holds, so
 they are in the floor too. Parameters are not counted: they exist before the step (the measured peak is the
@@ -47,8 +51,10 @@ def chunk_rows(tokens: int, hidden: int, width: int, row_bytes: int) -> int:
     return stop - start
 
 
-def floor_mib(model, tokens: int, checkpointing: bool = False, logits_returned: bool = False) -> float | None:
-    """The floor in MiB for ``tokens`` tokens (batch 1), or ``None`` when the model is not Llama-shaped."""
+def floor_mib(model, tokens: int, checkpointing: bool = False, logits_returned: bool = False,
+              recompute: str = "none") -> float | None:  # fmt: skip
+    """The floor in MiB for ``tokens`` tokens (batch 1), or ``None`` when the model is not Llama-shaped;
+    ``recompute``: what backward recomputes (mst's option of that name; ``"none"`` for every other arm)."""
     shape = _cfg(model)
     if shape is None:
         return None
@@ -56,8 +62,10 @@ def floor_mib(model, tokens: int, checkpointing: bool = False, logits_returned: 
     p = next(model.parameters())
     elem = p.element_size()
     grads = sum(x.numel() * x.element_size() for x in model.parameters() if x.requires_grad)
-    per_layer = tokens * ((3 * h + q_width + 2 * kv_width + q_width + h) * elem + heads * 4)
-    final = tokens * 2 * h * elem
+    qkv = tokens * (q_width + 2 * kv_width) * elem
+    norms = 0 if recompute in ("norms", "attention") else 2 * h
+    per_layer = tokens * ((h + norms + q_width + h) * elem + heads * 4) + (0 if recompute == "attention" else qkv)
+    final = tokens * 2 * h * elem + (qkv if recompute == "attention" else 0)
     saved = (layers * tokens * h * elem + per_layer) if checkpointing else layers * per_layer
     head_rows = chunk_rows(tokens, h, vocab * 4 // elem, vocab * 4)
     mlp_rows = chunk_rows(tokens, h, 2 * inter, 3 * inter * elem)

@@ -119,7 +119,12 @@ def main(argv=None) -> None:
     from .floor import floor_mib
 
     ckpt, logits_out = a.arm.endswith("ckpt"), a.form == "model"
-    result["floor_mib"] = floor_mib(model, a.tokens, checkpointing=ckpt, logits_returned=logits_out)
+    recompute = "none"
+    if a.arm.startswith("mst"):
+        from ..config import resolve
+
+        recompute = resolve(json.loads(a.options) if a.options else None).recompute
+    result["floor_mib"] = floor_mib(model, a.tokens, checkpointing=ckpt, logits_returned=logits_out, recompute=recompute)
     if a.arm.startswith("mst"):
         import mst_compile
 

@@ -63,7 +63,7 @@ _SMALL = 8  # a value read from outside a chain is "small" when 8 of it fit in t
 
 def _cheap(n: fx.Node) -> bool:
     t = n.target
-    if not isinstance(t, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded in t.tags:
+    if not isinstance(t, _compat.OpOverload) or torch.Tag.nondeterministic_seeded in t.tags:
         return False
     return t in _LAYOUT or torch.Tag.pointwise in t.tags
 
