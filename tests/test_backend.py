@@ -182,7 +182,7 @@ def test_unknown_option_is_a_clear_value_error():
 @pytest.mark.parametrize(
     "options",
     [{"num_chunks": 0}, {"logits": "none"}, {"num_chunks": 2, "chunk_tokens": 8}, {"chunk_memory_mib": -1},
-     {"chunk_tokens": 8, "chunk_memory_mib": 64}, {"causal_mask": "yes"}],
+     {"chunk_tokens": 8, "chunk_memory_mib": 64}, {"causal_mask": "yes"}, {"recompute": "all"}],
 )  # fmt: skip
 def test_bad_option_values(options):
     assert isinstance(_first_compile_error(options), ValueError)
@@ -253,6 +253,29 @@ def test_a_region_check_that_crashes_skips_only_that_region(monkeypatch):
     torch.testing.assert_close(out, model(x))
     rep = mst_compile.last_report()
     assert len(rep.rewritten("mlp")) == 1 and len(rep.skipped("mlp")) == 1
+
+
+@pytest.mark.parametrize(
+    "options, recompute, reuse",
+    [({}, "attention", False), ({"recompute": "norms"}, "norms", False), ({"recompute": "none"}, None, False),
+     ({"inductor": {"allow_buffer_reuse": True}}, "attention", True), ({"enabled": False}, None, None)],
+)  # fmt: skip
+def test_inductor_patches(monkeypatch, options, recompute, reuse):
+    """What the backend hands Inductor: the selective-recompute joint pass in the configured mode, buffer reuse
+    off (NOTE [buffer reuse]) unless the user's ``inductor`` options say otherwise; nothing when disabled."""
+    import mst_compile.backend as backend
+
+    seen = {}
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None):
+        seen.update(config_patches or {})
+        return gm.forward
+
+    monkeypatch.setattr(backend._compat, "compile_fx", fake_compile_fx)
+    torch.compile(Block(PlainMLP()), backend="mst", options=options)(torch.randn(2, 5, 16))
+    joint = seen.get("joint_custom_pre_pass")
+    assert (joint.mode if joint else None) == recompute
+    assert seen.get("allow_buffer_reuse") is reuse
 
 
 def test_inductor_failure_on_rewritten_graph_falls_back(monkeypatch):
