@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_smoke(tmp_path):
     out = subprocess.run(
@@ -45,3 +47,17 @@ def test_cap_search_doubles_then_bisects():
     (row,) = longest_under_cap(["x"], ["step"], a, measure)
     assert (row["longest"], row["first_over"]) == (640, 768)
     assert calls == [128, 256, 512, 1024, 768, 640]
+
+
+def test_floor_follows_the_recompute_mode():
+    """NOTE [selective recompute] in the floor: ``norms`` drops two norm outputs per layer, ``attention`` also
+    q, k, v per layer but keeps one layer's (alive again during its attention backward)."""
+    from mst_compile.bench.floor import floor_mib
+    from mst_compile.bench.models import CONFIGS, build_llama
+
+    c = CONFIGS["llama-tiny"]
+    model, tokens, h, layers = build_llama("llama-tiny"), 1024, c["hidden_size"], c["num_hidden_layers"]
+    qkv = tokens * (h + 2 * c["num_key_value_heads"] * h // c["num_attention_heads"]) * 4 / 2**20
+    none, norms, att = (floor_mib(model, tokens, recompute=m) for m in ("none", "norms", "attention"))
+    assert none - norms == pytest.approx(layers * 2 * tokens * h * 4 / 2**20)
+    assert norms - att == pytest.approx((layers - 1) * qkv)

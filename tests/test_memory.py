@@ -36,8 +36,9 @@ def test_compiled_step_peak_is_well_below_torch_compile(step_peaks):
     assert mst["rewritten"] == 3
     assert abs(mst["loss"] - base["loss"]) < 1e-4 * abs(base["loss"])
     ratio = mst["peak_mib"] / base["peak_mib"]
-    # measured here: 0.14 (38 vs 280 MiB; 0.21 before selective recompute). Without the causal-mask pass it would be ~0.5 (its float mask is
-    # 64 MiB here), without the chunked head and MLP more: either regression fails this bound
+    # measured here: 0.14 (38 vs 280 MiB; 0.21 before selective recompute). Without the causal-mask pass it
+    # would be ~0.5 (its float mask is 64 MiB here), without the chunked head and MLP more: either regression
+    # fails this bound
     assert ratio < 0.4, (mst["peak_mib"], base["peak_mib"])
 
 

@@ -124,7 +124,7 @@ def main(argv=None) -> None:
         from ..config import resolve
 
         recompute = resolve(json.loads(a.options) if a.options else None).recompute
-    result["floor_mib"] = floor_mib(model, a.tokens, checkpointing=ckpt, logits_returned=logits_out, recompute=recompute)
+    result["floor_mib"] = floor_mib(model, a.tokens, ckpt, logits_returned=logits_out, recompute=recompute)
     if a.arm.startswith("mst"):
         import mst_compile
 
