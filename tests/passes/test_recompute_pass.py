@@ -54,12 +54,12 @@ def boxed(gm, _):
 
 def run(fn, mode, args):
     """``fn`` through AOTAutograd with the pass before the min-cut partitioner: ``(tagged count, saved forward
-    nodes that are not inputs, gradients of the tensor inputs)``."""
+    nodes that are not inputs, gradients of the tensor inputs, [(call target, its recompute tag) per node])``."""
     seen = {}
 
     def partition(joint, joint_inputs, **kw):
         seen["tagged"] = tag_recompute(joint.graph, mode)
-        seen["targets"] = [n.target for n in joint.graph.nodes if n.meta.get("recompute")]
+        seen["tags"] = [(n.target, n.meta.get("recompute")) for n in joint.graph.nodes if n.op == "call_function"]
         fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kw)
         outs = fw.graph.find_nodes(op="output")[0].args[0][kw["num_fwd_outputs"] :]
         seen["saved"] = [n for n in outs if n.op != "placeholder"]
@@ -69,8 +69,7 @@ def run(fn, mode, args):
     for a in leaves:
         a.grad = None
     aot_function(fn, fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition)(*args).sum().backward()
-    run.targets = seen["targets"]
-    return seen["tagged"], seen["saved"], [a.grad.clone() for a in leaves]
+    return seen["tagged"], seen["saved"], [a.grad.clone() for a in leaves], seen["tags"]
 
 
 def _targets(saved):
@@ -83,9 +82,9 @@ def _bytes(saved):
 
 def test_attention_mode_recomputes_norm_and_qkv_and_keeps_gradients():
     args = _inputs()
-    none_tagged, kept, ref = run(attention_block, "none", args)
+    none_tagged, kept, ref, _ = run(attention_block, "none", args)
     assert none_tagged == 0
-    tagged, saved, got = run(attention_block, "attention", args)
+    tagged, saved, got, _ = run(attention_block, "attention", args)
     assert tagged > 0
     # the norm output and q, k, v (4 x [T, H]) are no longer kept; what backward reads is the block input, the
     # attention op's outputs and per-token statistics
@@ -97,8 +96,8 @@ def test_attention_mode_recomputes_norm_and_qkv_and_keeps_gradients():
 
 def test_norms_mode_recomputes_only_the_norm_chain():
     args = _inputs(1)
-    _, kept, ref = run(attention_block, "none", args)
-    tagged, saved, got = run(attention_block, "norms", args)
+    _, kept, ref, _ = run(attention_block, "none", args)
+    tagged, saved, got, _ = run(attention_block, "norms", args)
     assert tagged > 0
     assert _bytes(saved) == _bytes(kept) - T * H, (_targets(kept), _targets(saved))  # the norm output only
     for g, r in zip(got, ref):
@@ -128,24 +127,18 @@ def test_left_alone_unsaved_frontier_and_outside_users():
     w1, w2 = (torch.randn(H, H, generator=g).requires_grad_() for _ in range(2))
     assert run(_chain_from_unsaved_value, "attention", [x, w1, w2])[0] == 0
     wn = torch.randn(H, generator=g).requires_grad_()
-    run(_value_used_outside, "attention", [x, wn, w1])
-    assert not {aten.mul.Tensor, aten.rsqrt.default, aten.add.Tensor} & set(run.targets), run.targets
+    tags = run(_value_used_outside, "attention", [x, wn, w1])[3]
+    tagged = {t for t, policy in tags if policy}
+    assert not {aten.mul.Tensor, aten.rsqrt.default, aten.add.Tensor} & tagged, tagged
 
 
 def test_random_ops_are_never_tagged():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(T, H, generator=g, requires_grad=True)
     wn, w = torch.randn(H, generator=g).requires_grad_(), torch.randn(H, H, generator=g).requires_grad_()
-    tags = {}
-
-    def partition(joint, joint_inputs, **kw):
-        tag_recompute(joint.graph, "attention")
-        tags.update({n.target: n.meta.get("recompute") for n in joint.graph.nodes if n.op == "call_function"})
-        return min_cut_rematerialization_partition(joint, joint_inputs, **kw)
-
-    aot_function(_random_chain, fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition)(x, wn, w).sum().backward()
-    random = [t for t in tags if isinstance(t, _compat.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags]
-    assert random and all(tags[t] is None for t in random)
+    tags = run(_random_chain, "attention", [x, wn, w])[3]
+    random = [p for t, p in tags if isinstance(t, _compat.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags]
+    assert random and all(p is None for p in random)
 
 
 def test_inference_graph_is_untouched():
