@@ -17,6 +17,7 @@ from .logits import rebuild_outputs
 from .passes import PassContext, copy_graph_module, run_passes
 from .passes.embedding_grad import EmbeddingGradPass
 from .passes.recompute import RecomputePass
+from .passes.remat import RematPass
 from .report import Report, add_report
 
 log = logging.getLogger("mst_compile")
@@ -29,6 +30,18 @@ log = logging.getLogger("mst_compile")
 # second layer's recomputed q and k (2 x tokens x H) stayed allocated through its attention backward until
 # the first layer's took them. Measured (llama-small, 4096 tokens, compiled step, recompute="attention"): peak
 # 213.6 -> 197.0 MiB without the reuse; step time unchanged within noise (README). ``inductor=`` overrides it.
+# NOTE [horizontal fusion]: Inductor fuses two kernels that read the same buffer even when no data flows
+# between them ("horizontal" fusion), and places the fused kernel where the earlier one was. In a backward with
+# recomputation that undoes the recomputation: the first layer's norm and RoPE (recomputed right before that
+# layer's attention backward, or again after it, NOTE [second recompute]) were fused with the second layer's
+# kernels at the top of the backward, so their ``tokens x H`` outputs, and the q, k projections reading them,
+# were computed there and held through the second layer's backward. Its guard against fusing distant kernels
+# (64 scheduler nodes apart) did not stop it. mst's graphs keep only producer-consumer fusion. Measured
+# (llama-small, compiled step; README): HF checkpointing 16384 tokens 639 -> 447 MiB with the second recompute,
+# which without this note made it worse (714); mst 16384 526 -> 494, 4096 197 -> 197.
+_NO_HORIZONTAL_FUSION = 2**62
+
+
 def _inductor(gm, example_inputs, cfg: MSTConfig, mode: str | None, custom_passes: bool = True):
     """Inductor's ``compile_fx`` with mst's two Inductor passes installed (unless disabled, in the fallback after
     an Inductor failure, or where the user set that Inductor option)."""
@@ -40,7 +53,10 @@ def _inductor(gm, example_inputs, cfg: MSTConfig, mode: str | None, custom_passe
             patches["post_grad_custom_post_pass"] = EmbeddingGradPass()  # NOTE [tied embedding gradient]
         if cfg.recompute != "none" and "joint_custom_pre_pass" not in cfg.inductor:
             patches["joint_custom_pre_pass"] = RecomputePass(cfg.recompute)  # NOTE [selective recompute]
+        if cfg.recompute != "none" and "post_grad_custom_pre_pass" not in cfg.inductor:
+            patches["post_grad_custom_pre_pass"] = RematPass()  # NOTE [second recompute]
         patches["allow_buffer_reuse"] = False  # NOTE [buffer reuse]
+        patches["score_fusion_memory_threshold"] = _NO_HORIZONTAL_FUSION  # NOTE [horizontal fusion]
     patches.update(cfg.inductor)
     return _compat.compile_fx(gm, example_inputs, config_patches=patches or None)
 

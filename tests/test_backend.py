@@ -261,9 +261,11 @@ def test_a_region_check_that_crashes_skips_only_that_region(monkeypatch):
      ({"inductor": {"allow_buffer_reuse": True}}, "attention", True), ({"enabled": False}, None, None)],
 )  # fmt: skip
 def test_inductor_patches(monkeypatch, options, recompute, reuse):
-    """What the backend hands Inductor: the selective-recompute joint pass in the configured mode, buffer reuse
-    off (NOTE [buffer reuse]) unless the user's ``inductor`` options say otherwise; nothing when disabled."""
+    """What the backend hands Inductor: the selective-recompute joint pass in the configured mode and the
+    second recompute with it, buffer reuse off (NOTE [buffer reuse]) unless the user's ``inductor`` options say
+    otherwise, no horizontal fusion (NOTE [horizontal fusion]); nothing when disabled."""
     import mst_compile.backend as backend
+    from mst_compile.passes.remat import RematPass
 
     seen = {}
 
@@ -276,6 +278,9 @@ def test_inductor_patches(monkeypatch, options, recompute, reuse):
     joint = seen.get("joint_custom_pre_pass")
     assert (joint.mode if joint else None) == recompute
     assert seen.get("allow_buffer_reuse") is reuse
+    # the second recompute follows the recompute mode; horizontal fusion is off wherever mst's passes run
+    assert isinstance(seen.get("post_grad_custom_pre_pass"), RematPass) == (recompute is not None)
+    assert (seen.get("score_fusion_memory_threshold", 10) > 2**40) == (reuse is not None)
 
 
 def test_inductor_failure_on_rewritten_graph_falls_back(monkeypatch):

@@ -1,0 +1,167 @@
+"""Post-grad pass on the backward graph: compute a cheap value again after a big op instead of keeping it across.
+
+NOTE [second recompute]: the partitioner recomputes each tagged forward value once, just before its first
+backward use, and keeps it until its last. Some values have uses on both sides of the backward's big ops (the
+attention backward, mst's chunk loops), where the step's peak is:
+
+- the norm output ``n`` and the normalized ``x_hat``: read to recompute q, k, v right before the attention
+  backward, then by the q, k, v weight gradients and the norm's weight gradient after it;
+- under the user's activation checkpointing, q, k, v themselves: recomputed with the layer's attention forward
+  (the MLP's backward needs the layer's residual), kept through the MLP's backward for the attention backward.
+
+Keeping them across costs ``tokens x H`` each at the peak. This pass clones the chain that computes such a value
+(row-wise ops, views, and matmuls against forward inputs) right before its first use after the big op, from
+values that are alive there anyway, so the first copy dies before the big op::
+
+    Before:  n = w * (x * rstd);  q, k, v = rope(n @ Wqkv);  dq, dk, dv = attn_bwd(q, k, v, ...);  dW = n^T dq
+    After:   n = w * (x * rstd);  q, k, v = rope(n @ Wqkv);  dq, dk, dv = attn_bwd(q, k, v, ...)
+             n' = w * (x * rstd);  dW = n'^T dq                    (x, rstd, w alive here anyway)
+
+A value is cloned only when every tensor its clone reads is a forward input (parameters, the caller's
+inputs: alive for the whole step), still used at the clone's place anyway, or small (1/8 of the value); a chain
+that would extend any other lifetime, or that contains a random or an expensive op, is left alone
+(``_CantRemat``). It takes the big ops in order, so a clone made for one big op that crosses the next is cloned
+again after that one. There is no CSE after the partition, so the copies stay apart (in the joint graph the
+partitioner's CSE would merge them back). Measured: README "Measured" (llama-small with HF checkpointing).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+
+from .. import _compat
+from ..report import counters
+from .common import source_hash, val
+from .recompute import _ATTENTION_BACKWARD, _GEMMS, _cheap, _numel
+
+log = logging.getLogger("mst_compile")
+
+_SMALL = 8
+
+
+class _CantRemat(Exception):
+    """A value's chain cannot be cloned without extending a lifetime or repeating an expensive op."""
+
+
+def _is_view(n: fx.Node) -> bool:
+    t = n.target
+    if not isinstance(t, _compat.OpOverload):
+        return False
+    rets = t._schema.returns
+    return bool(rets) and rets[0].alias_info is not None and not rets[0].alias_info.is_write
+
+
+def _barrier(n: fx.Node) -> bool:
+    return n.op == "call_function" and (n.target in _ATTENTION_BACKWARD or getattr(n.target, "namespace", "") == "mst")
+
+
+class _Lifetimes:
+    """Positions, storage owners (a view's owner is its base's) and each owner's last use in a graph."""
+
+    def __init__(self, graph: fx.Graph):
+        self.nodes = list(graph.nodes)
+        self.pos = {n: i for i, n in enumerate(self.nodes)}
+        self.owner: dict[fx.Node, fx.Node] = {}
+        for n in self.nodes:
+            a = n.args[0] if n.args else None
+            self.owner[n] = self.owner[a] if _is_view(n) and isinstance(a, fx.Node) else n
+        self.last: dict[fx.Node, int] = {}
+        for n in self.nodes:
+            for a in n.all_input_nodes:
+                o = self.owner[a]
+                self.last[o] = max(self.last.get(o, -1), self.pos[n])
+
+    def step_input(self, o: fx.Node) -> bool:
+        """A forward input (parameter, buffer, the caller's tensor): alive for the whole step."""
+        return o.op == "placeholder" and o.name.startswith("primals")
+
+
+def _remat_one(graph: fx.Graph, life: _Lifetimes, b: fx.Node) -> int:
+    """Clone what crosses ``b`` and can be rebuilt after it; returns how many values stopped crossing."""
+    pb = life.pos[b]
+    inputs = {life.owner[a] for a in b.all_input_nodes}
+    big = max((_numel(o) for o in inputs), default=0)
+    crossing = {
+        o for o in set(life.owner.values())
+        if o.op == "call_function" and life.pos[o] < pb < life.last.get(o, -1) and o not in inputs
+        and _numel(o) * 2 >= big
+    }  # fmt: skip
+    while crossing:
+        later = [n for n in life.nodes[pb + 1 :] if any(life.owner[a] in crossing for a in n.all_input_nodes)]
+        try:
+            plan = _plan(life, crossing, later)
+        except _CantRemat as e:
+            crossing.discard(e.args[0])  # it stays alive across ``b``: the others may read it
+            continue
+        _apply(graph, plan, later, life)
+        return len(crossing)
+    return 0
+
+
+def _plan(life: _Lifetimes, crossing: set, later: list[fx.Node]) -> dict[fx.Node, int]:
+    """For each node to clone, the position of its first later reader (where the clone goes)."""
+    plan: dict[fx.Node, int] = {}
+
+    def need(a: fx.Node, at: int, target: fx.Node) -> None:
+        o = life.owner[a]
+        if not isinstance(val(a), torch.Tensor):
+            return  # a size: no memory to free or keep
+        if o not in crossing and (life.step_input(o) or life.last.get(o, -1) >= at or _numel(o) * _SMALL <= _numel(target)):
+            return  # alive at ``at`` anyway, or small
+        if a.op != "call_function" or not (_cheap(a) or a.target in _GEMMS):
+            raise _CantRemat(target)
+        if a in plan:
+            plan[a] = min(plan[a], at)
+            return
+        plan[a] = at
+        for x in a.all_input_nodes:
+            need(x, at, target)
+
+    for u in later:
+        for a in u.all_input_nodes:
+            if life.owner[a] in crossing:
+                need(a, life.pos[u], life.owner[a])
+    return plan
+
+
+def _apply(graph: fx.Graph, plan: dict[fx.Node, int], later: list[fx.Node], life: _Lifetimes) -> None:
+    clones: dict[fx.Node, fx.Node] = {}
+    for n in sorted(plan, key=life.pos.__getitem__):  # inputs before users
+        with graph.inserting_before(life.nodes[plan[n]]):
+            clones[n] = graph.node_copy(n, lambda a: clones.get(a, a))
+    for u in later:
+        u.args, u.kwargs = fx.map_arg((u.args, u.kwargs), lambda a: clones.get(a, a))
+
+
+def remat_across_barriers(graph: fx.Graph) -> int:
+    """NOTE [second recompute] on a backward graph; returns how many values were cloned past a big op."""
+    if not any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes):
+        return 0  # a forward or inference graph
+    total = 0
+    barriers = [n for n in graph.nodes if _barrier(n)]
+    for b in barriers:  # in order: clones land after ``b``, so earlier big ops never see new crossings
+        total += _remat_one(graph, _Lifetimes(graph), b)
+    if total:
+        graph.eliminate_dead_code()
+        graph.lint()
+        counters["values_recomputed_again"] += total
+        log.debug("mst: %d backward values recomputed again after a big op", total)
+    return total
+
+
+class RematPass(_compat.CustomGraphPass):
+    """The pass as Inductor's ``post_grad_custom_pre_pass`` (runs on the forward and backward graphs)."""
+
+    def __call__(self, graph: fx.Graph) -> None:
+        try:
+            remat_across_barriers(graph)
+        except Exception:  # noqa: BLE001 - a missed saving, never a failed compile
+            log.warning("mst: the second-recompute pass failed; graph left as it was", exc_info=True)
+
+    def uuid(self):
+        import sys
+
+        return source_hash(sys.modules[__name__])
