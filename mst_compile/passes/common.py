@@ -8,6 +8,7 @@ changes both the forward and the backward that AOTAutograd derives from it.
 from __future__ import annotations
 
 import inspect
+import logging
 import warnings
 import operator
 from dataclasses import dataclass, field
@@ -53,6 +54,32 @@ def source_hash(*modules) -> str:
     import hashlib
 
     return hashlib.sha1("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()
+
+
+class InductorPass(_compat.CustomGraphPass):
+    """One of mst's Inductor custom passes: ``run(graph)`` rewrites in place; a failure is a missed saving,
+    never a failed compile (logged, graph left as the pass left it: every pass writes valid graphs step by
+    step). ``uuid`` keys Inductor's cache: the defining module's source and ``key()``."""
+
+    #: what the warning calls the pass
+    what = "an mst pass"
+
+    def run(self, graph: fx.Graph) -> object:
+        raise NotImplementedError
+
+    def key(self) -> str:
+        return ""
+
+    def __call__(self, graph: fx.Graph) -> None:
+        try:
+            self.run(graph)
+        except Exception:  # noqa: BLE001
+            logging.getLogger("mst_compile").warning("mst: %s failed; graph left as it was", self.what, exc_info=True)
+
+    def uuid(self):
+        import sys
+
+        return source_hash(sys.modules[type(self).__module__]) + self.key()
 
 
 def val(n):

@@ -29,9 +29,8 @@ import logging
 import torch
 from torch import fx
 
-from .. import _compat
 from ..report import counters
-from .common import source_hash, val
+from .common import InductorPass, val
 
 log = logging.getLogger("mst_compile")
 aten = torch.ops.aten
@@ -113,16 +112,10 @@ def accumulate_into_other_grad(graph: fx.Graph) -> int:
     return done
 
 
-class EmbeddingGradPass(_compat.CustomGraphPass):
-    """The pass as Inductor's ``post_grad_custom_post_pass`` (its ``uuid`` keys Inductor's cache)."""
+class EmbeddingGradPass(InductorPass):
+    """The pass as Inductor's ``post_grad_custom_post_pass``."""
 
-    def __call__(self, graph: fx.Graph) -> None:
-        try:
-            accumulate_into_other_grad(graph)
-        except Exception:  # noqa: BLE001 - a missed saving, never a failed compile
-            log.warning("mst: the tied-embedding gradient pass failed; graph left as it was", exc_info=True)
+    what = "the tied-embedding gradient pass"
 
-    def uuid(self):
-        import sys
-
-        return source_hash(sys.modules[__name__])
+    def run(self, graph: fx.Graph) -> int:
+        return accumulate_into_other_grad(graph)

@@ -32,13 +32,17 @@ outside the recomputed chain loses the value; and every value a tagged chain rea
 kept anyway: a graph input, a value backward reads itself, or a small one (under 1/8 of the chain's largest
 tensor, such as the statistic or RoPE's position table). A chain that would need anything else is left alone.
 Random ops, nodes that already carry a recompute policy (the user's checkpointing) and the backward are never
-touched. Measured on the benchmark's Llama (README "Measured", ``docs/bench/recompute/``): step peak at 16384
+tagged; the one change to the user's policy is that a checkpointed region's output read outside every region
+is saved (NOTE [checkpointed region outputs]). Backward nodes are those AOTAutograd marks ``is_backward`` or
+that read a tangent (a decomposed LayerNorm backward recomputes ``x - mean`` without reading a tangent).
+Measured on the benchmark's Llama (README "Measured", ``docs/bench/recompute/``): step peak at 16384
 tokens 767 -> 526 MiB with NOTE [buffer reuse]; 32768 tokens fit in 975 MiB.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
 from torch import fx
@@ -46,7 +50,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from .. import _compat
 from ..report import counters
-from .common import source_hash, val
+from .common import InductorPass, val
 
 log = logging.getLogger("mst_compile")
 aten = torch.ops.aten
@@ -56,6 +60,7 @@ _LAYOUT = {
     aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default, aten.transpose.int,
     aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default,
     aten.slice.Tensor, aten.select.int, aten.alias.default, aten.clone.default, aten.cat.default,
+    aten.split.Tensor, aten.split_with_sizes.default,  # a fused q/k/v projection (GPT-2, GPT-NeoX), with getitem
 }  # fmt: skip
 _GEMMS = {aten.mm.default, aten.addmm.default, aten.bmm.default}
 _ATTENTION = {
@@ -73,6 +78,8 @@ _SMALL = 8  # a value read from outside a chain is "small" when 8 of it fit in t
 
 def _cheap(n: fx.Node) -> bool:
     t = n.target
+    if t is operator.getitem:
+        return isinstance(n.args[0], fx.Node) and _cheap(n.args[0])
     if not isinstance(t, _compat.OpOverload) or torch.Tag.nondeterministic_seeded in t.tags:
         return False
     return t in _LAYOUT or torch.Tag.pointwise in t.tags
@@ -196,19 +203,16 @@ def _save_region_outputs(joint: _Joint, tags: set[fx.Node]) -> int:
     return saved
 
 
-class RecomputePass(_compat.CustomGraphPass):
+class RecomputePass(InductorPass):
     """The pass as Inductor's ``joint_custom_pre_pass`` (runs on the joint graph before partitioning)."""
+
+    what = "the selective-recompute pass"
 
     def __init__(self, mode: str):
         self.mode = mode
 
-    def __call__(self, graph: fx.Graph) -> None:
-        try:
-            tag_recompute(graph, self.mode)
-        except Exception:  # noqa: BLE001 - a missed saving, never a failed compile (tags are set last, at once)
-            log.warning("mst: the selective-recompute pass failed; graph left as it was", exc_info=True)
+    def run(self, graph: fx.Graph) -> int:
+        return tag_recompute(graph, self.mode)
 
-    def uuid(self):
-        import sys
-
-        return source_hash(sys.modules[__name__]) + self.mode
+    def key(self) -> str:
+        return self.mode

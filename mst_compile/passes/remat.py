@@ -28,13 +28,14 @@ partitioner's CSE would merge them back). Measured: README "Measured" (llama-sma
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
 from torch import fx
 
 from .. import _compat
 from ..report import counters
-from .common import source_hash, val
+from .common import InductorPass, val
 from .recompute import _ATTENTION_BACKWARD, _GEMMS, _cheap, _numel
 
 log = logging.getLogger("mst_compile")
@@ -67,7 +68,8 @@ class _Lifetimes:
         self.owner: dict[fx.Node, fx.Node] = {}
         for n in self.nodes:
             a = n.args[0] if n.args else None
-            self.owner[n] = self.owner[a] if _is_view(n) and isinstance(a, fx.Node) else n
+            view = _is_view(n) or (n.target is operator.getitem and isinstance(a, fx.Node) and _is_view(a))
+            self.owner[n] = self.owner[a] if view and isinstance(a, fx.Node) else n
         self.last: dict[fx.Node, int] = {}
         for n in self.nodes:
             for a in n.all_input_nodes:
@@ -152,16 +154,10 @@ def remat_across_barriers(graph: fx.Graph) -> int:
     return total
 
 
-class RematPass(_compat.CustomGraphPass):
+class RematPass(InductorPass):
     """The pass as Inductor's ``post_grad_custom_pre_pass`` (runs on the forward and backward graphs)."""
 
-    def __call__(self, graph: fx.Graph) -> None:
-        try:
-            remat_across_barriers(graph)
-        except Exception:  # noqa: BLE001 - a missed saving, never a failed compile
-            log.warning("mst: the second-recompute pass failed; graph left as it was", exc_info=True)
+    what = "the second-recompute pass"
 
-    def uuid(self):
-        import sys
-
-        return source_hash(sys.modules[__name__])
+    def run(self, graph: fx.Graph) -> int:
+        return remat_across_barriers(graph)
