@@ -80,8 +80,8 @@ def _cheap(n: fx.Node) -> bool:
     t = n.target
     if t is operator.getitem:
         return isinstance(n.args[0], fx.Node) and _cheap(n.args[0])
-    if not isinstance(t, _compat.OpOverload) or torch.Tag.nondeterministic_seeded in t.tags:
-        return False
+    if not isinstance(t, _compat.OpOverload) or torch.Tag.nondeterministic_seeded in t.tags or t._schema.is_mutable:
+        return False  # random, or in place (``add_`` is tagged pointwise too): never repeated
     return t in _LAYOUT or torch.Tag.pointwise in t.tags
 
 

@@ -106,7 +106,14 @@ def _extends(x, saved, attention_backward):
     return dq.sum() + (m * x).sum() + t
 
 
-@pytest.mark.parametrize("body, cloned", [(_cheap, 1), (_expensive, 0), (_extends, 0)])
+def _in_place(x, saved, attention_backward):
+    m = x * 2.0
+    m.add_(1.0)  # an in-place op is never repeated
+    dq = attention_backward()[0]
+    return dq.sum() + (m * saved).sum()
+
+
+@pytest.mark.parametrize("body, cloned", [(_cheap, 1), (_expensive, 0), (_extends, 0), (_in_place, 0)])
 def test_what_is_cloned_past_the_attention_backward(body, cloned):
     gm, args = _backward_graph(body)
     ref = gm(*args)
