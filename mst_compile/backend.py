@@ -38,12 +38,13 @@ log = logging.getLogger("mst_compile")
 # were computed there and held through the second layer's backward. Its guard against fusing distant kernels
 # (64 scheduler nodes apart) did not stop it. mst's graphs keep only producer-consumer fusion. Measured
 # (llama-small, compiled step; README): HF checkpointing 16384 tokens 639 -> 447 MiB with the second recompute,
-# which without this note made it worse (714); mst 16384 526 -> 494, 4096 197 -> 197.
+# which without this note made it worse (714); mst 16384 526 -> 494, 4096 197 -> 197. Step time on CPU unchanged
+# (1024 and 8192 tokens, side by side); on a GPU more kernels launch, not measured yet (no device lent so far).
 _NO_HORIZONTAL_FUSION = 2**62
 
 
 def _inductor(gm, example_inputs, cfg: MSTConfig, mode: str | None, custom_passes: bool = True):
-    """Inductor's ``compile_fx`` with mst's two Inductor passes installed (unless disabled, in the fallback after
+    """Inductor's ``compile_fx`` with mst's Inductor passes installed (unless disabled, in the fallback after
     an Inductor failure, or where the user set that Inductor option)."""
     if cfg.compiler == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
