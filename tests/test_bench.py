@@ -61,3 +61,19 @@ def test_floor_follows_the_recompute_mode():
     none, norms, att = (floor_mib(model, tokens, recompute=m) for m in ("none", "norms", "attention"))
     assert none - norms == pytest.approx(layers * 2 * tokens * h * 4 / 2**20)
     assert norms - att == pytest.approx((layers - 1) * qkv)
+
+
+def test_linetrace_finds_the_allocation_in_generated_code():
+    """``bench.linetrace``: RSS per line of Inductor's generated code; a 32 MiB output buffer is the peak."""
+    import torch
+
+    from mst_compile.bench.linetrace import report, trace_step
+
+    f = torch.compile(lambda x: (x + 1.0) * 2.0)
+    x = torch.randn(8 * 2**20)
+    f(x)
+    out = []
+    rec = trace_step(lambda: out.append(f(x)))
+    assert rec and all("torchinductor" in path for _, path, _ in rec)
+    assert max(m for m, _, _ in rec) >= 24 * 2**20, max(m for m, _, _ in rec)
+    assert report(rec).startswith("peak ")

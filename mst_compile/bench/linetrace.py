@@ -1,0 +1,92 @@
+"""Where in the compiled step the peak happens: resident memory after every line of Inductor's generated code.
+
+    MALLOC_MMAP_THRESHOLD_=65536 python -m mst_compile.bench.linetrace --arm mst_ckpt --tokens 8192
+
+Runs one arm's step (``worker.prepare``) twice to compile and warm up, then once more with a ``sys.settrace``
+hook that records the process RSS after each line executed in an Inductor-generated module (its ``call``:
+buffer allocations, kernel calls, ``del``s). With ``MALLOC_MMAP_THRESHOLD_`` set, freed large blocks go back to
+the OS, so RSS follows the live buffers. Prints the line at the peak and the lines before it: which kernels
+ran and which buffers were alive. How NOTE [second recompute], NOTE [horizontal fusion] and NOTE [checkpointed
+region outputs] were found. CPU only (RSS); on a GPU use ``torch.cuda.memory._record_memory_history``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from .models import build_llama, token_batch
+from .worker import ARMS, prepare
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def trace_step(step) -> list[tuple[int, str, int]]:
+    """``(RSS above the start, file, line)`` after each line run in Inductor-generated code during ``step()``."""
+    base, rec = _rss(), []
+
+    def tracer(frame, event, arg):
+        if "torchinductor" not in frame.f_code.co_filename:
+            return None
+        if event in ("line", "return"):
+            rec.append((_rss() - base, frame.f_code.co_filename, frame.f_lineno))
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        step()
+    finally:
+        sys.settrace(None)
+    return rec
+
+
+def report(rec: list[tuple[int, str, int]], context: int = 30) -> str:
+    """The peak line and the ``context`` lines run before it, with the RSS after each."""
+    if not rec:
+        return "no line of Inductor-generated code ran"
+    i = max(range(len(rec)), key=lambda k: rec[k][0])
+    peak, path, line = rec[i]
+    with open(path) as f:
+        src = f.read().split("\n")
+    out = [f"peak {peak / 2**20:.1f} MiB above the step's start at {path}:{line}"]
+    for mib, p, ln in rec[max(0, i - context) : i + 4]:
+        text = src[ln - 1].strip()[:140] if p == path else f"({os.path.basename(p)}:{ln})"
+        out.append(f"{mib / 2**20:8.1f}  {ln:5d}  {text}")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--arm", choices=ARMS, default="mst")
+    p.add_argument("--model", default="llama-small")
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--options", default="", help="JSON dict of mst options")
+    p.add_argument("--context", type=int, default=30)
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    model = build_llama(a.model)
+    model.train()
+    ids = token_batch(a.tokens, model.config.vocab_size)
+    run = prepare(a.arm, "step", model, json.loads(a.options) if a.options else None)
+
+    def step():
+        loss, _ = run(ids)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    step()
+    print(report(trace_step(step), a.context))
+
+
+if __name__ == "__main__":
+    main()
