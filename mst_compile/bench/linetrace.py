@@ -2,7 +2,7 @@
 
     MALLOC_MMAP_THRESHOLD_=65536 python -m mst_compile.bench.linetrace --arm mst_ckpt --tokens 8192
 
-Runs one arm's step (``worker.prepare``) twice to compile and warm up, then once more with a ``sys.settrace``
+Runs one arm's step (``worker.build_step``) twice to compile and warm up, then once more with a ``sys.settrace``
 hook that records the process RSS after each line executed in an Inductor-generated module (its ``call``:
 buffer allocations, kernel calls, ``del``s). With ``MALLOC_MMAP_THRESHOLD_`` set, freed large blocks go back to
 the OS, so RSS follows the live buffers. Prints the line at the peak and the lines before it: which kernels
@@ -13,19 +13,17 @@ region outputs] were found. CPU only (RSS); on a GPU use ``torch.cuda.memory._re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-import torch
-
-from .models import build_llama, token_batch
-from .worker import ARMS, prepare
+from .worker import ARMS, build_step
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _rss() -> int:
+    """Resident bytes from ``statm`` (one short line: this runs after every traced line, where
+    ``measure._status_kib``'s scan of ``/proc/self/status`` would slow the trace)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * _PAGE
 
@@ -72,17 +70,7 @@ def main(argv=None) -> None:
     p.add_argument("--options", default="", help="JSON dict of mst options")
     p.add_argument("--context", type=int, default=30)
     a = p.parse_args(argv)
-    torch.manual_seed(0)
-    model = build_llama(a.model)
-    model.train()
-    ids = token_batch(a.tokens, model.config.vocab_size)
-    run = prepare(a.arm, "step", model, json.loads(a.options) if a.options else None)
-
-    def step():
-        loss, _ = run(ids)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
+    _, step = build_step(a.arm, "step", a.model, a.tokens, a.options)
     step()
     step()
     print(report(trace_step(step), a.context))

@@ -69,6 +69,33 @@ def prepare(arm: str, form: str, model, options: dict | None = None):
     return run
 
 
+def build_step(arm: str, form: str, model_name: str, tokens: int, options: str = "", device: str = "cpu",
+               dtype: str = "float32"):  # fmt: skip
+    """The model (seed 0, train mode) and ``step() -> loss``: one forward and backward of ``arm`` on ``tokens``
+    tokens, gradients cleared after. ``model_name``: a ``models.CONFIGS`` name or ``zoo:<arch>``;
+    ``options``: mst's options as JSON."""
+    torch.manual_seed(0)
+    if model_name.startswith("zoo:"):  # zoo:<arch>: an architecture of the zoo at 8x its test size, V=32000
+        from . import zoo
+
+        model = zoo.build(model_name[4:], scale=8, vocab=32000).to(device, getattr(torch, dtype))
+    else:
+        model = build_llama(model_name).to(device, getattr(torch, dtype))
+    model.train()
+    vocab = model.config.vocab_size if hasattr(model, "config") else model.lm_head.out_features
+    ids = token_batch(tokens, vocab).to(device)
+    run = prepare(arm, form, model, json.loads(options) if options else None)
+
+    def step():
+        loss, out = run(ids)
+        loss.backward()
+        del out
+        model.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return model, step
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--arm", choices=ARMS + EXTRA_ARMS, required=True)
@@ -81,25 +108,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--options", default="", help="JSON dict of mst options")
     a = p.parse_args(argv)
-    torch.manual_seed(0)
-    if a.model.startswith("zoo:"):  # zoo:<arch>: an architecture of the zoo at 8x its test size, V=32000
-        from . import zoo
-
-        model = zoo.build(a.model[4:], scale=8, vocab=32000).to(a.device, getattr(torch, a.dtype))
-    else:
-        model = build_llama(a.model).to(a.device, getattr(torch, a.dtype))
-    model.train()
-    vocab = model.config.vocab_size if hasattr(model, "config") else model.lm_head.out_features
-    ids = token_batch(a.tokens, vocab).to(a.device)
-    run = prepare(a.arm, a.form, model, json.loads(a.options) if a.options else None)
-
-    def step():
-        loss, out = run(ids)
-        loss.backward()
-        del out
-        model.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
+    model, step = build_step(a.arm, a.form, a.model, a.tokens, a.options, a.device, a.dtype)
     t0 = time.perf_counter()
     losses = [step()]
     compile_s = time.perf_counter() - t0

@@ -68,11 +68,6 @@ _ATTENTION = {
     aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default,
 }  # fmt: skip
 _RECOMPUTE_POLICIES = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
-_ATTENTION_BACKWARD = {
-    aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
-    aten._scaled_dot_product_flash_attention_backward.default, aten._scaled_dot_product_efficient_attention_backward.default,
-    aten._scaled_dot_product_cudnn_attention_backward.default,
-}  # fmt: skip
 _SMALL = 8  # a value read from outside a chain is "small" when 8 of it fit in the chain's largest tensor
 
 
@@ -90,6 +85,12 @@ def _numel(n) -> int:
     return _compat.size_hint(v.numel()) if isinstance(v, torch.Tensor) else 0
 
 
+def tangent_inputs(graph: fx.Graph) -> list[fx.Node]:
+    """The placeholders AOTAutograd names ``tangents_*``: the incoming gradients of a joint or backward graph
+    (none in a forward or inference graph)."""
+    return [n for n in graph.find_nodes(op="placeholder") if n.name.startswith("tangents")]
+
+
 def _gemm_input(n: fx.Node) -> fx.Node | None:
     """The activation operand of a forward matmul (``addmm``'s is its second argument)."""
     a = n.args[1] if n.target is aten.addmm.default else n.args[0]
@@ -100,7 +101,7 @@ class _Joint:
     """The forward part of a joint graph and which forward values backward reads directly."""
 
     def __init__(self, graph: fx.Graph):
-        tangents = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
+        tangents = tangent_inputs(graph)
         backward = set(tangents)
         for n in graph.nodes:  # AOTAutograd tags what it traced for backward; a decomposed norm backward
             # recomputes ``x * x`` without reading a tangent, so the tag, not only the data flow, decides

@@ -36,10 +36,17 @@ from torch import fx
 from .. import _compat
 from ..report import counters
 from .common import InductorPass, val
-from .recompute import _ATTENTION_BACKWARD, _GEMMS, _cheap, _numel
+from .recompute import _GEMMS, _cheap, _numel, tangent_inputs
 
 log = logging.getLogger("mst_compile")
 
+aten = torch.ops.aten
+
+_ATTENTION_BACKWARD = {
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+    aten._scaled_dot_product_flash_attention_backward.default, aten._scaled_dot_product_efficient_attention_backward.default,
+    aten._scaled_dot_product_cudnn_attention_backward.default,
+}  # fmt: skip
 _SMALL = 8
 
 
@@ -140,7 +147,7 @@ def _apply(graph: fx.Graph, plan: dict[fx.Node, int], later: list[fx.Node], life
 
 def remat_across_barriers(graph: fx.Graph) -> int:
     """NOTE [second recompute] on a backward graph; returns how many values were cloned past a big op."""
-    if not any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes):
+    if not tangent_inputs(graph):
         return 0  # a forward or inference graph
     total = 0
     barriers = [n for n in graph.nodes if _barrier(n)]
