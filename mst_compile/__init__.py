@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 
+from ._autoload import apply_env_level  # cheap: imports only logging and os
+
 # NOTE [lazy package]: ``import torch`` imports this package through the ``torch.backends`` entry point
 # (``_autoload``), so importing it must cost nothing: every name below loads its module on first use.
 _LAZY = {
@@ -31,17 +33,6 @@ __all__ = sorted(_LAZY)
 __version__ = "0.1.0"
 
 
-def _log_level_from_env() -> None:
-    """``MST_LOG=info`` (one report per compiled graph) or ``debug`` (graphs after each pass) to stderr."""
-    import logging
-    import os
-
-    level = os.environ.get("MST_LOG", "").upper()
-    if level:
-        log = logging.getLogger("mst_compile")
-        log.setLevel(getattr(logging, level, logging.INFO))
-        if not log.handlers:
-            log.addHandler(logging.StreamHandler())
-
-
-_log_level_from_env()
+# ``MST_LOG=info`` (one report per compiled graph) or ``debug`` (graphs after each pass) to stderr; kept through
+# ``import torch``'s log setup (NOTE [log level] in ``_autoload.py``)
+apply_env_level()
