@@ -67,7 +67,7 @@ def mst_backend(gm: fx.GraphModule, example_inputs, options: dict | MSTConfig | 
     cfg = resolve(options)
     if not cfg.enabled:
         return _inductor(gm, example_inputs, cfg, mode)
-    report = Report(graph=f"graph#{len(gm.graph.nodes)}nodes")
+    report = Report(graph=f"{len(gm.graph.nodes)} nodes")
     ctx = PassContext(cfg, torch.is_grad_enabled())
     try:
         new_gm = run_passes(copy_graph_module(gm), ctx)

@@ -13,7 +13,7 @@ import torch
 
 from .config import MSTConfig, resolve
 from .passes import PassContext, copy_graph_module, run_passes
-from .report import Report
+from .report import Report, plural
 
 
 @dataclass
@@ -28,12 +28,13 @@ class Explanation:
         return sum(r.bytes_saved for r in self.regions if r.status == "rewritten")
 
     def __str__(self) -> str:
-        lines = [f"mst explain: {len(self.reports)} graph(s), "
-                 f"{sum(r.status == 'rewritten' for r in self.regions)} region(s) rewritten, "
-                 f"~{self.bytes_saved() / 2**20:.1f} MiB of intermediates no longer alive at once"]  # fmt: skip
-        for i, rep in enumerate(self.reports):
-            lines.append(f"graph {i}:")
-            lines += ["  " + r.line() for r in rep.regions] or ["  (no candidate regions)"]
+        lines = [f"mst explain: {plural(len(self.reports), 'graph')}, "
+                 f"{plural(sum(r.status == 'rewritten' for r in self.regions), 'region')} rewritten, "
+                 f"est. {self.bytes_saved() / 2**20:.1f} MiB saved (intermediates no longer alive at once)"]  # fmt: skip
+        for rep in self.reports:
+            lines.append(str(rep).removeprefix("mst: "))
+            if not rep.regions:
+                lines.append("  (no candidate regions)")
         return "\n".join(lines)
 
 
@@ -45,7 +46,7 @@ def explain(model, *args, options: dict | MSTConfig | None = None, **kwargs) -> 
     def backend(gm, example_inputs):
         ctx = PassContext(cfg, torch.is_grad_enabled())
         run_passes(copy_graph_module(gm), ctx)
-        out.reports.append(Report(graph=f"graph#{len(out.reports)}", regions=ctx.regions))
+        out.reports.append(Report(f"{len(gm.graph.nodes)} nodes", ctx.regions, index=len(out.reports) + 1))
         return gm.forward
 
     torch._dynamo.reset()

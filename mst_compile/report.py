@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 from dataclasses import dataclass, field
 
 log = logging.getLogger("mst_compile")
@@ -28,20 +29,51 @@ class Region:
 
     def line(self) -> str:
         what = f"{self.kind:<4} {self.anchor:<28} {self.status:<9}"
-        if self.status == "rewritten" and self.kind == "mask":
-            return f"{what} {self.shapes} ~{self.bytes_saved / 2**20:.1f} MiB saved"
-        if self.status == "rewritten":
-            return f"{what} chunks={self.chunks} {self.shapes} ~{self.bytes_saved / 2**20:.1f} MiB saved"
-        return f"{what} {self.reason}"
+        if self.status != "rewritten":
+            return f"{what} {self.reason}"
+        parts = [readable_shapes(self.shapes)]
+        if self.kind != "mask":
+            parts.insert(0, chunk_words(self.chunks))
+        parts.append(f"est. {self.bytes_saved / 2**20:.1f} MiB saved")
+        return f"{what} " + ", ".join(p for p in parts if p)
+
+
+def plural(n: int, word: str) -> str:
+    """``1 region``, ``2 regions``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def chunk_words(label: str) -> str:
+    """A region's chunk label (``"8"``, or the rule when the token count is symbolic) in words."""
+    if not label:
+        return ""
+    return plural(int(label), "chunk") if label.isdigit() else f"chunks: {label}"
+
+
+#: the head pass's names for what happens to logits returned next to the loss (``logits.py``), in words
+_LOGITS_WORDS = {
+    "logits=bridge": "logits returned (differentiable)",
+    "logits=plain": "logits returned (no gradient needed)",
+    "logits=skip": 'logits not materialized (logits="skip")',
+    "logits=not returned": "logits not returned",
+}
+
+
+def readable_shapes(shapes: str) -> str:
+    """The passes' shape notes as the report prints them: mode names in words, ``1 attention call``."""
+    for key, words in _LOGITS_WORDS.items():
+        shapes = shapes.replace(key, words)
+    return re.sub(r"\b1 attention calls\b", "1 attention call", shapes)
 
 
 @dataclass
 class Report:
     """The regions found in one compiled graph."""
 
-    graph: str
+    graph: str  # what the graph is, e.g. "195 nodes"
     regions: list[Region] = field(default_factory=list)
     fallback: str = ""  # non-empty: the rewritten graph failed to compile and plain Inductor was used
+    index: int | None = None  # the graph's number in this process (1 for the first), set by add_report
 
     def rewritten(self, kind: str | None = None) -> list[Region]:
         return [r for r in self.regions if r.status == "rewritten" and (kind is None or r.kind == kind)]
@@ -50,7 +82,9 @@ class Report:
         return [r for r in self.regions if r.status == "skipped" and (kind is None or r.kind == kind)]
 
     def __str__(self) -> str:
-        head = f"mst report for {self.graph}: {len(self.rewritten())} rewritten, {len(self.skipped())} skipped"
+        name = "graph" if self.index is None else f"graph {self.index}"
+        head = f"mst: {name} ({self.graph}): {plural(len(self.rewritten()), 'region')} rewritten, " \
+               f"{len(self.skipped())} skipped"  # fmt: skip
         if self.fallback:
             head += f" (FELL BACK to plain Inductor: {self.fallback})"
         return "\n".join([head] + ["  " + r.line() for r in self.regions])
@@ -59,6 +93,8 @@ class Report:
 def add_report(report: Report) -> None:
     _reports.append(report)
     counters["graphs"] += 1
+    if report.index is None:
+        report.index = counters["graphs"]
     for r in report.regions:
         counters[f"{r.kind}_{r.status}"] += 1
     if report.fallback:

@@ -43,4 +43,4 @@ def test_cli_explain(capsys):
 
     main(["explain", "--model", "llama-tiny", "--tokens", "64"])
     out = capsys.readouterr().out
-    assert "4 region(s) rewritten" in out  # 2 MLPs, the head, the causal mask
+    assert "4 regions rewritten" in out  # 2 MLPs, the head, the causal mask
