@@ -1,10 +1,37 @@
 """The benchmark tool runs end to end (tiny model): every arm in its own process, a table and result files."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+
+BENCH = [sys.executable, "-m", "mst_compile.bench", "--model", "llama-tiny", "--steps", "1", "--forms", "step"]
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (Linux ``/proc``)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_bench_smoke(tmp_path):
@@ -20,6 +47,34 @@ def test_bench_smoke(tmp_path):
     assert rows[1]["rewritten"] == 3
     assert abs(rows[1]["loss"] - rows[0]["loss"]) < 1e-4 * rows[0]["loss"]  # same model, same tokens
     assert "peak/compile" in out.stdout and (tmp_path / "results.csv").exists()
+
+
+def test_interrupt_keeps_the_finished_rows_and_stops_the_running_arm(tmp_path):
+    """Each finished row is in results.json and table.txt as it lands; Ctrl-C (SIGINT to the benchmark alone,
+    so it must stop the arm's process itself) ends the run cleanly, keeping and printing what finished."""
+    proc = subprocess.Popen(BENCH + ["--tokens", "128", "--warmup", "1", "--arms", "eager,compile", "--out",
+                                     str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    results, deadline = tmp_path / "results.json", time.time() + 600
+    try:
+        while True:  # the eager row has landed and the compile arm's process is running
+            assert proc.poll() is None, "the run ended before it could be interrupted: " + proc.communicate()[1][-2000:]
+            assert time.time() < deadline
+            workers = _children(proc.pid)
+            if results.exists() and workers:
+                break
+            time.sleep(0.2)
+        assert [r["arm"] for r in json.loads(results.read_text())] == ["eager"]
+        assert "eager" in (tmp_path / "table.txt").read_text()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted" in err, err[-2000:]
+    assert "eager" in out and "compile" not in out.split("\n", 2)[2], out  # the finished row's table
+    assert [r["arm"] for r in json.loads(results.read_text())] == ["eager"]
+    time.sleep(0.5)
+    assert not any(_alive(w) for w in workers), workers
 
 
 def test_ablate_spec():

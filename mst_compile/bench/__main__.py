@@ -7,8 +7,9 @@
     python -m mst_compile.bench --cap-mib 1024 --arms eager,compile,mst  # longest sequence under a memory cap
 
 Prints a table of peak MiB of one step, the analytic floor (``floor.py``), the peak ratio and the median
-step-time ratio against ``torch.compile`` default (the strongest baseline), and writes ``results.json``,
-``results.csv``, ``table.txt`` and ``peak_vs_tokens.png``. Forms: ``step`` compiles a function returning only
+step-time ratio against ``torch.compile`` default (the strongest baseline). ``results.json``, ``results.csv``
+and ``table.txt`` are rewritten after each run, ``peak_vs_tokens.png`` drawn at the end; Ctrl-C stops the
+running arm's process and keeps, prints and plots what finished. Forms: ``step`` compiles a function returning only
 the loss; ``model`` compiles the model itself, which returns the logits too (the one-line use). ``--cold``
 gives every process an empty Inductor cache, so ``compile_s`` is a cold compile.
 """
@@ -94,26 +95,41 @@ def main(argv=None) -> int:
     if a.cap_mib:
         from .search import longest_under_cap
 
-        rows = longest_under_cap(arms, forms, a, measure)
+        rows: list[dict] = []
+        try:
+            longest_under_cap(arms, forms, a, measure, rows=rows, on_row=lambda: output.save_cap(rows, a.out, a.cap_mib))
+        except KeyboardInterrupt:
+            print(f"[cap] interrupted: {len(rows)} arms finished, kept in {a.out}/", file=sys.stderr)
+            output.write_cap(rows, a.out, a.cap_mib)
+            return 130
         output.write_cap(rows, a.out, a.cap_mib)
         return 0
     jobs = _jobs(a, arms, forms, [int(t) for t in a.tokens.split(",")])
+    print(f"[bench] {len(jobs)} runs, each in its own process; {a.out}/results.json and table.txt are updated "
+          "after each one (Ctrl-C stops the run and keeps what finished)", file=sys.stderr, flush=True)  # fmt: skip
     bar, rows = _progress(len(jobs)), []
-    for arm, form, tokens, options in jobs:
-        r = measure(arm, form, tokens, a, options)
-        rows.append(r)
-        done = f"{r['peak_mib']:.0f} MiB, {r['step_s_median']:.2f} s/step" if "peak_mib" in r else "failed"
+    try:
+        for arm, form, tokens, options in jobs:
+            r = measure(arm, form, tokens, a, options)
+            rows.append(r)
+            output.add_ratios(rows)
+            output.save(rows, a.out)
+            done = f"{r['peak_mib']:.0f} MiB, {r['step_s_median']:.2f} s/step" if "peak_mib" in r else "failed"
+            if bar is not None:
+                bar.set_postfix_str(f"{form} {tokens} {r['arm']}: {done}")
+                bar.update()
+            else:
+                print(f"[bench] {form} {tokens} {r['arm']}: {done}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
         if bar is not None:
-            bar.set_postfix_str(f"{form} {tokens} {r['arm']}: {done}")
-            bar.update()
-        else:
-            print(f"[bench] {form} {tokens} {r['arm']}: {done}", file=sys.stderr, flush=True)
+            bar.close()
+        print(f"[bench] interrupted: {len(rows)} of {len(jobs)} runs finished, kept in {a.out}/", file=sys.stderr)
+        output.write(rows, a.out)
+        return 130
     if bar is not None:
         bar.close()
-    output.add_ratios(rows)
     output.write(rows, a.out)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

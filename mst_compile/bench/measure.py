@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -54,18 +55,36 @@ class PeakMeter:
         return False
 
 
+def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """End ``proc`` (SIGTERM, then SIGKILL after ``grace`` seconds) and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_worker(args: list[str], timeout: float = 1800, env: dict | None = None) -> dict:
     """Run ``python -m mst_compile.bench.worker ARGS`` in its own process (``env`` added to the environment);
-    return its JSON result."""
+    return its JSON result (an ``error`` entry when it fails or runs past ``timeout`` seconds). An interrupt
+    (Ctrl-C) stops the worker before it propagates, whether or not the worker received the signal too."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", **(env or {}))
-    proc = subprocess.run(
-        [sys.executable, "-m", "mst_compile.bench.worker", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
-    for line in reversed(proc.stdout.splitlines()):
+    proc = subprocess.Popen([sys.executable, "-m", "mst_compile.bench.worker", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop(proc, grace=0)
+        stdout, stderr = proc.communicate()
+        stderr += f"\ntimed out after {timeout:.0f} s"
+    except BaseException:  # KeyboardInterrupt: no worker may outlive the benchmark
+        _stop(proc)
+        raise
+    if proc.returncode == -signal.SIGINT:  # Ctrl-C in a terminal reaches the worker too, maybe first
+        raise KeyboardInterrupt
+    for line in reversed(stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
-    return {"error": (proc.stderr or proc.stdout)[-2000:].strip(), "returncode": proc.returncode}
+    return {"error": (stderr or stdout)[-2000:].strip(), "returncode": proc.returncode}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -80,22 +81,36 @@ def plot(rows: list[dict], path: str) -> bool:
     return True
 
 
-def write(rows: list[dict], out: str) -> None:
+def _atomic_write(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save(rows: list[dict], out: str) -> str:
+    """``results.json``, ``results.csv`` and ``table.txt`` of the rows so far (after each finished run);
+    returns the table."""
     text = table(rows)
-    print(text)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=KEYS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(r for r in rows if "peak_mib" in r)
-    with open(os.path.join(out, "table.txt"), "w") as f:
-        f.write(text + "\n")
+    _atomic_write(os.path.join(out, "results.json"), json.dumps(rows, indent=1))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=KEYS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(r for r in rows if "peak_mib" in r)
+    _atomic_write(os.path.join(out, "results.csv"), buf.getvalue())
+    _atomic_write(os.path.join(out, "table.txt"), text + "\n")
+    return text
+
+
+def write(rows: list[dict], out: str) -> None:
+    """Everything of a finished (or interrupted) run: the files of :func:`save`, the table on stdout, the plot."""
+    print(save(rows, out))
     if plot(rows, os.path.join(out, "peak_vs_tokens.png")):
         print(f"plot: {os.path.join(out, 'peak_vs_tokens.png')}", file=sys.stderr)
 
 
-def write_cap(rows: list[dict], out: str, cap: float) -> None:
+def cap_table(rows: list[dict], cap: float) -> str:
     """The cap search's table: longest length per arm and form, and its ratio to compile's, eager's and the two
     checkpointing arms' (``>=``: the search reached ``--cap-max`` without going over the cap)."""
     refs = ("compile", "eager", "compile_ckpt", "hf_ckpt")
@@ -109,9 +124,16 @@ def write_cap(rows: list[dict], out: str, cap: float) -> None:
         tried = ", ".join(f"{t}: {p:.0f}" if p is not None else f"{t}: failed" for t, p in r["tried"])
         lines.append(f"{r['form']:<6} {r['arm']:<20} {bound + str(r['longest']):>8} "
                      + " ".join(f"{ratio(b):>14}" for b in refs) + f"  {tried}")  # fmt: skip
-    text = "\n".join(lines)
-    print(text)
-    with open(os.path.join(out, "cap.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(out, "cap.txt"), "w") as f:
-        f.write(text + "\n")
+    return "\n".join(lines)
+
+
+def save_cap(rows: list[dict], out: str, cap: float) -> str:
+    """``cap.json`` and ``cap.txt`` of the arms searched so far; returns the table."""
+    text = cap_table(rows, cap)
+    _atomic_write(os.path.join(out, "cap.json"), json.dumps(rows, indent=1))
+    _atomic_write(os.path.join(out, "cap.txt"), text + "\n")
+    return text
+
+
+def write_cap(rows: list[dict], out: str, cap: float) -> None:
+    print(save_cap(rows, out, cap))

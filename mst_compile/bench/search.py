@@ -17,8 +17,10 @@ def _fits(r: dict, cap: float) -> bool:
     return "peak_mib" in r and r["peak_mib"] <= cap
 
 
-def longest_under_cap(arms, forms, a, measure) -> list[dict]:
-    rows = []
+def longest_under_cap(arms, forms, a, measure, rows: list | None = None, on_row=None) -> list[dict]:
+    """One row per form and arm, appended to ``rows`` (returned) as each arm's search ends; ``on_row()`` after
+    each (the benchmark saves the rows so far)."""
+    rows = [] if rows is None else rows
     for form in forms:
         for arm in arms:
             tried, lo, hi, n = [], 0, None, a.cap_start
@@ -40,4 +42,6 @@ def longest_under_cap(arms, forms, a, measure) -> list[dict]:
                 print(f"[cap] {form} {arm} {mid}: {r.get('peak_mib', 'failed')}", file=sys.stderr, flush=True)
                 lo, hi = (mid, hi) if _fits(r, a.cap_mib) else (lo, mid)
             rows.append(dict(form=form, arm=arm, longest=lo, first_over=hi, tried=tried))
+            if on_row is not None:
+                on_row()
     return rows
