@@ -17,7 +17,10 @@ class _LogitsGrad(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(h, w, b)
         ctx.args = (key, num_chunks, chunk_rows)
-        return logits.view_as(logits)
+        # NOTE [logits edited in place]: a fresh tensor over the same storage, not a view of the input: a view
+        # made inside a custom Function may not be modified in place (autograd forbids it), while eager's logits
+        # may be (``logits.mul_(2)``). The compiled graph holds no other reference to this buffer.
+        return logits.detach()
 
     @staticmethod
     def backward(ctx, g):

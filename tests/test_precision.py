@@ -59,3 +59,69 @@ def test_bf16_matches_eager_bf16_and_is_as_close_to_fp32(mode):
         assert got[n].dtype == eager[n].dtype, n
         assert vs_eager[n] <= 3e-2, (n, vs_eager[n])
         assert mst_err[n] <= 1.1 * eager_err[n] + 1e-3, (n, mst_err[n], eager_err[n])
+
+
+class _LM(torch.nn.Module):
+    """Embedding, a SwiGLU MLP, a linear head and ``F.cross_entropy`` on the head's raw output (nanoGPT's loss,
+    no explicit upcast) or on ``.float()`` of it (HF's)."""
+
+    def __init__(self, v=512, h=32, i=96, upcast=False):
+        super().__init__()
+        self.emb = torch.nn.Embedding(v, h)
+        self.gate, self.up = torch.nn.Linear(h, i, bias=False), torch.nn.Linear(h, i, bias=False)
+        self.down, self.head = torch.nn.Linear(i, h, bias=False), torch.nn.Linear(h, v, bias=False)
+        self.upcast = upcast
+
+    def forward(self, ids, labels, amp=False):
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            x = self.emb(ids)
+            x = x + self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+            logits = self.head(x)
+            logits = logits.float() if self.upcast else logits
+            return torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+
+
+# NOTE [precision modes]: each mode is (parameter dtype, autocast around the compiled call, autocast inside it).
+PRECISION_MODES = {
+    "fp32": (torch.float32, False, False),
+    "bf16-params": (torch.bfloat16, False, False),
+    "fp16-params": (torch.float16, False, False),
+    "autocast-around": (torch.float32, True, False),
+    "autocast-inside": (torch.float32, False, True),
+}
+
+
+def _lm_step(model, ids, labels, around: bool, inside: bool):
+    with torch.autocast("cpu", torch.bfloat16, enabled=around):
+        loss = model(ids, labels, amp=inside)
+    loss.backward()
+    g = grads(model)
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), g
+
+
+@pytest.mark.parametrize("upcast", [False, True], ids=["raw-logits", "upcast"])
+@pytest.mark.parametrize("mode", list(PRECISION_MODES))
+def test_loss_dtype_and_error_follow_eager(mode, upcast):
+    """The loss has eager's dtype (fp32 under autocast: cross_entropy is on its fp32 list) and, like every
+    gradient, is no further from an fp64 run of the same weights than eager's own result is."""
+    dtype, around, inside = PRECISION_MODES[mode]
+    torch.manual_seed(0)
+    model = _LM(upcast=upcast).to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    ids, labels = torch.randint(0, 512, (2, 384), generator=gen), torch.randint(0, 512, (2, 384), generator=gen)
+    ref_model = _LM(upcast=upcast).double()
+    ref_model.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    ref_loss, ref = _lm_step(ref_model, ids, labels, False, False)
+    eager_loss, eager = _lm_step(model, ids, labels, around, inside)
+    cm = torch.compile(model, backend="mst", options={"num_chunks": 3, "compiler": "aot_eager"})
+    mst_loss, got = _lm_step(cm, ids, labels, around, inside)
+    assert (mst_compile.counters["mlp_rewritten"], mst_compile.counters["head_rewritten"]) == (1, 1)
+    assert mst_loss.dtype == eager_loss.dtype, (mst_loss.dtype, eager_loss.dtype)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[eager_loss.dtype]
+    mst_err, eager_err = abs(mst_loss.double() - ref_loss).item(), abs(eager_loss.double() - ref_loss).item()
+    assert mst_err <= max(1.25 * eager_err, tol * abs(ref_loss).item()), (mst_err, eager_err)
+    vs_ref, eager_vs_ref = _rel(got, ref), _rel(eager, ref)
+    for n in ref:
+        assert got[n].dtype == eager[n].dtype, n
+        assert vs_ref[n] <= 1.25 * eager_vs_ref[n] + 1e-5, (n, vs_ref[n], eager_vs_ref[n])

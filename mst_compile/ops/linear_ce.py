@@ -53,7 +53,9 @@ def linear_ce(
     need_h, need_w, need_b = needs
     need_b = need_b and b is not None
     grad = need_h or need_w or need_b
-    loss_sum = torch.zeros((), dtype=post.out_dtype or torch.float32, device=h.device)
+    loss_dtype = post.out_dtype or torch.float32  # NOTE [loss dtype]
+    ce_dtype = _ce_dtype(loss_dtype)
+    loss_sum = torch.zeros((), dtype=ce_dtype, device=h.device)  # fp32 across chunks, whatever the model's dtype
     logits = h.new_empty((rows, w.shape[0]), dtype=pre.out_dtype or h.dtype) if want_logits else h.new_empty(_EMPTY)
     dh = h.new_empty(h.shape) if need_h else h.new_empty(_EMPTY)
     dw = torch.zeros(w.shape, dtype=acc_dtype(w), device=w.device) if need_w else w.new_empty(_EMPTY)
@@ -69,14 +71,17 @@ def linear_ce(
         if fused:
             if want_logits:
                 logits[s:e] = z
-            loss, gz = fused_cross_entropy(z.to(post.out_dtype), labels[s:e], ignore_index, label_smoothing, grad)
+            zf = z.to(ce_dtype)
+            del z
+            loss, gz = fused_cross_entropy(zf, labels[s:e], ignore_index, label_smoothing, grad)
+            del zf
             gz = None if gz is None else gz.to(cd)
         else:
             loss, gz = _tail_cross_entropy(z, labels[s:e], pre, post, logits[s:e] if want_logits else None,
                                            ignore_index, label_smoothing, grad)  # fmt: skip
             gz = None if gz is None else gz.to(cd)
-        del z
-        loss_sum += loss
+            del z
+        loss_sum += loss.to(ce_dtype)
         if not grad:
             continue
         if need_h:
@@ -87,8 +92,14 @@ def linear_ce(
             db += gz.sum(0).to(db.dtype)
         del gz  # else this chunk's [rows, vocab] gradient is still alive while the next chunk's logits are made
     count = (labels != ignore_index).sum()
-    loss = loss_sum / count if mean else loss_sum
+    loss = (loss_sum / count if mean else loss_sum).to(loss_dtype)
     return loss, count, dh, dw.to(w.dtype) if need_w else dw, db.to(b.dtype) if need_b else db, logits
+
+
+def _ce_dtype(loss_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a chunk's cross-entropy is computed and summed in: fp32 for low-precision logits (as eager's
+    kernels compute internally; the chunk plan counts a chunk's logits at 4 bytes each), else the loss's."""
+    return torch.float32 if loss_dtype in (torch.float16, torch.bfloat16) else loss_dtype
 
 
 def fused_cross_entropy(zf, y, ignore_index: int, eps: float, grad: bool):
@@ -135,6 +146,11 @@ def _tail_cross_entropy(z, y, pre, post, logits_out, ignore_index: int, eps: flo
 def _(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing, num_chunks, chunk_rows, needs, want_logits, mean):
     pre, post = registry.get(pre_key), registry.get(post_key)
     need_h, need_w, need_b = needs
+    # NOTE [guarded head]: what the pass matched must be what the op computes; a mismatch fails here, at
+    # compile time (the backend then falls back), never inside the compiled step.
+    torch._check(labels.dtype == torch.int64, lambda: f"mst::linear_ce takes int64 labels, got {labels.dtype}")
+    torch._check(labels.dim() == 1 and h.dim() == 2, lambda: "mst::linear_ce takes [rows] labels for [rows, H]")
+    torch._check(labels.shape[0] == h.shape[0], lambda: "mst::linear_ce: one label per row")
     return (
         h.new_empty((), dtype=post.out_dtype or torch.float32),
         labels.new_empty((), dtype=torch.int64),
@@ -163,9 +179,20 @@ def _backward(ctx, g, *_unused):
         g = torch.where(count > 0, g / count.clamp(min=1), torch.zeros_like(g))
 
     def scale(t, need):
-        return t * g.to(t.dtype) if need else None
+        return _scaled(t, g) if need else None
 
     return (scale(dh, need_h), scale(dw, need_w), scale(db, need_b and db.numel() > 0)) + (None,) * 10
+
+
+def _scaled(t: torch.Tensor, g: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """``t * g`` with the product taken in fp32 (``g`` never rounded to a low-precision ``t``'s dtype first),
+    a block of rows at a time so that no fp32 copy of a whole low-precision ``t`` exists."""
+    if t.dtype not in (torch.float16, torch.bfloat16):
+        return t * g.to(t.dtype)
+    gf, out = g.float(), torch.empty_like(t)
+    for s in range(0, t.shape[0], rows):
+        out[s : s + rows] = t[s : s + rows].float() * gf
+    return out
 
 
 linear_ce.register_autograd(_backward, setup_context=_setup)

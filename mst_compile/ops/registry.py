@@ -54,7 +54,16 @@ class Body:
     autocast: tuple | None = None
 
     def amp(self):
-        return torch.autocast(self.autocast[0], self.autocast[1]) if self.autocast else contextlib.nullcontext()
+        """The region's autocast state, set explicitly: entered when the region ran under autocast, and turned
+        off when it did not but the caller's autocast is on (a region under ``autocast(enabled=False)`` inside
+        an autocast block must not pick up the outer one: the op runs inside the caller's autocast)."""
+        if self.autocast:
+            return torch.autocast(self.autocast[0], self.autocast[1])
+        stack = contextlib.ExitStack()
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        return stack
 
     def inner(self, x, *params):
         """The body up to (not including) the exit projection, under the region's autocast."""

@@ -249,6 +249,31 @@ def autocast_states(graph: fx.Graph) -> dict:
     return states
 
 
+def grad_states(graph: fx.Graph, ambient: bool) -> dict:
+    """``node -> bool``: whether grad mode is on where each node runs.
+
+    NOTE [grad mode per node]: Dynamo records ``with torch.enable_grad()`` / ``torch.no_grad()`` inside the
+    compiled code as ``torch._C._set_grad_enabled`` calls in the graph; ``ambient`` is the mode around the
+    compiled call (Dynamo guards on it). A pass reads the mode of the region's own nodes, never the caller's:
+    a forward that enables grad inside, called under ``no_grad``, still needs every gradient."""
+    state, states = ambient, {}
+    for n in graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "__name__", "") == "_set_grad_enabled" and n.args:
+            state = bool(n.args[0])
+        states[n] = state
+    return states
+
+
+def region_grad(nodes, ctx: "PassContext", graph: fx.Graph) -> bool:
+    """The one grad mode of a region's nodes (NOTE [grad mode per node]); a region straddling a change of it
+    can't be chunked."""
+    states = grad_states(graph, ctx.grad_enabled)
+    found = {states.get(n, ctx.grad_enabled) for n in nodes}
+    if len(found) > 1:
+        raise CantChunk("the region crosses a change of grad mode")
+    return found.pop() if found else ctx.grad_enabled
+
+
 def region_autocast(nodes, states: dict) -> tuple | None:
     """The one autocast state of a region's nodes; a region straddling an autocast boundary can't be chunked."""
     found = {states.get(n) for n in nodes}

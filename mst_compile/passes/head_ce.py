@@ -31,12 +31,14 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from .. import _compat
 from ..ops import registry
 from ..report import Region
 from .common import (
     CantChunk,
     autocast_states,
     region_autocast,
+    region_grad,
     skip,
     PassContext,
     bind_cross_entropy,
@@ -56,7 +58,7 @@ def head_call(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing,
     """
     h2 = h.reshape(-1, h.shape[-1])
     loss, _count, _dh, _dw, _db, logits = torch.ops.mst.linear_ce(
-        h2, w, b, labels.reshape(-1), pre_key, post_key, ignore_index, float(label_smoothing), num_chunks,
+        h2, w, b, labels.reshape(-1).to(torch.int64), pre_key, post_key, ignore_index, float(label_smoothing), num_chunks,
         chunk_rows, needs, want_logits, mean,
     )  # fmt: skip
     if want_logits:
@@ -146,6 +148,7 @@ def find_head(ce: fx.Node, ctx: PassContext) -> HeadMatch:
     if iv is None or iv.dim() != 2:
         raise CantChunk("cross_entropy input is not [tokens, vocab]")
     vocab = iv.shape[-1]
+    _check_target(args["target"], iv)
     chain, cur = [], inp
     while linear_args(cur) is None:
         if not isinstance(cur, fx.Node) or cur in ctx.claimed:
@@ -182,6 +185,26 @@ def find_head(ce: fx.Node, ctx: PassContext) -> HeadMatch:
     return HeadMatch(ce, lin, chain, exposed, args)
 
 
+#: label dtypes the fused op takes. int64 is eager's; int32 is what Inductor accepts too (its decomposition
+#: gathers with it), and the op reads it as int64, the value eager gives for the same labels as int64.
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def _check_target(target, iv) -> None:
+    """NOTE [guarded head]: the fused op computes class-index cross-entropy over ``[tokens]`` labels. Anything
+    else (class probabilities, float or other integer targets, another shape) is left to the original op, so
+    its result or its error is exactly what the compiler gives without mst."""
+    tv = tval(target)
+    if tv is None:
+        raise CantChunk("the cross_entropy target is not a tensor")
+    if tv.is_floating_point() or tv.is_complex():
+        raise CantChunk(f"cross_entropy with {tv.dtype} targets (class probabilities) is not fused")
+    if tv.dtype not in LABEL_DTYPES:
+        raise CantChunk(f"cross_entropy with {tv.dtype} labels is not fused (only {', '.join(map(str, LABEL_DTYPES))})")
+    if tv.dim() != 1 or _compat.sym_expr(tv.shape[0]) != _compat.sym_expr(iv.shape[0]):
+        raise CantChunk(f"cross_entropy target of shape {list(tv.shape)} for input {list(iv.shape)}")
+
+
 def _row_positions(h):
     """``[*h.shape[:-1], 1]``: each row's flat index, to replay the loss's row selection on."""
     return torch.arange(h.numel() // h.shape[-1], device=h.device).view(*h.shape[:-1], 1)
@@ -209,20 +232,24 @@ def _replay_layout(gm: fx.GraphModule, m: HeadMatch, h: fx.Node, hidden: int, vo
     return cur
 
 
-def _body(nodes: list[fx.Node], kind: str, dtype: torch.dtype, amp) -> str:
-    """Register the elementwise ops among ``nodes`` (layout ops dropped) as a one-input body."""
+def _body(nodes: list[fx.Node], kind: str, dtype: torch.dtype, amp, out_dtype: torch.dtype | None = None) -> str:
+    """Register the elementwise ops among ``nodes`` (layout ops dropped) as a one-input body; ``out_dtype``,
+    when given, is the dtype the body's result is converted to last (NOTE [loss dtype])."""
     ops = [n for n in nodes if _layout_kind(n) is None]
     if not ops:
-        return registry.register_cast(dtype, amp)
-    if len(ops) == 1 and _cast_dtype(ops[0]) is not None:
+        return registry.register_cast(out_dtype or dtype, amp)
+    if len(ops) == 1 and _cast_dtype(ops[0]) is not None and out_dtype in (None, _cast_dtype(ops[0])):
         return registry.register_cast(_cast_dtype(ops[0]), amp)
     g = fx.Graph()
     cur = g.placeholder("z")
     for n in ops:
         cur = g.node_copy(n, lambda a, cur=cur: cur)
-    g.output(cur)
     out = tval(ops[-1])
-    return registry.register(kind, fx.GraphModule(torch.nn.Module(), g), int(out.shape[-1]), out.dtype, autocast=amp)
+    if out_dtype is not None and out_dtype != out.dtype:
+        cur = g.call_method("to", (cur, out_dtype))
+    g.output(cur)
+    od = out_dtype or out.dtype
+    return registry.register(kind, fx.GraphModule(torch.nn.Module(), g), int(out.shape[-1]), od, autocast=amp)
 
 
 def _cast_dtype(n: fx.Node) -> torch.dtype | None:
@@ -277,9 +304,13 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
     _check_tail_inputs(m.chain, m.lin)
     amp = region_autocast([m.lin] + m.chain, autocast_states(m.lin.graph))
     pre_key = _body(pre_nodes, "pre", lv.dtype, amp)
-    post_key = _body(post_nodes, "post", tval(m.exposed).dtype if m.exposed is not None else lv.dtype, amp)
+    # NOTE [loss dtype]: the loss's dtype is eager's (the cross_entropy node's fake value): under autocast,
+    # cross_entropy is on the fp32 list, so bf16 logits give an fp32 loss. The post body ends in that dtype;
+    # the op computes each chunk's cross-entropy in at least fp32 and sums the chunks in fp32.
+    ce_dtype = tval(m.ce).dtype
+    post_key = _body(post_nodes, "post", tval(m.exposed).dtype if m.exposed is not None else lv.dtype, amp, ce_dtype)
     cfg = ctx.config
-    grad = ctx.grad_enabled
+    grad = region_grad([m.lin] + m.chain + [m.ce], ctx, m.lin.graph)  # NOTE [grad mode per node]
     needs = [bool(grad and v is not None and v.requires_grad) for v in (hv, wv, tval(b))]
     mode = "none"
     if m.exposed is not None and not ctx.allow_logits_output and any(needs):

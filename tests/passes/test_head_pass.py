@@ -158,3 +158,73 @@ def test_near_misses_are_left_alone(module, why):
     (r,) = _heads(ctx, "skipped")
     assert why in r.reason
     torch.testing.assert_close(gm(*ex)[0], module(hs, y))
+
+
+class _Head(torch.nn.Module):
+    """``F.cross_entropy(linear(h), target)`` with whatever target it is given (no reshape in between)."""
+
+    def __init__(self, v=50):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, v, bias=False)
+
+    def forward(self, hs, target):
+        return F.cross_entropy(self.proj(hs), target)
+
+
+@pytest.mark.parametrize(
+    "make,why",
+    [
+        (lambda n: torch.softmax(torch.randn(n, 50), -1), "class probabilities"),
+        (lambda n: torch.rand(n, 50), "class probabilities"),
+    ],
+    ids=["probabilities", "soft-targets"],
+)
+def test_targets_the_op_does_not_compute_are_left_alone(make, why):
+    """NOTE [guarded head]: matched only when the op computes exactly that loss; else the original op runs."""
+    hs = torch.randn(12, 16)
+    target = make(12)
+    gm, ctx, ex = rewrite(_Head(), hs, target)
+    assert not _calls(gm)
+    (r,) = _heads(ctx, "skipped")
+    assert why in r.reason, r.reason
+
+
+def test_class_probability_loss_compiles_and_matches_eager():
+    """The distillation / mixup loss ``cross_entropy(logits, probs)`` runs end to end under mst, as eager."""
+    head, hs = _Head(), torch.randn(4096 // 64, 16)
+    probs = torch.softmax(torch.randn(hs.shape[0], 50), -1)
+    got = torch.compile(head, backend="mst", options={"compiler": "aot_eager"})(hs, probs)
+    torch.testing.assert_close(got, head(hs, probs))
+    assert mst_compile.counters["head_rewritten"] == 0 and mst_compile.counters["head_skipped"] == 1
+
+
+def test_int32_labels_give_the_int64_result():
+    """int32 labels (which Inductor accepts) are fused and read as int64: the loss eager gives for int64."""
+    head, hs = _Head(), torch.randn(40, 16)
+    y = torch.randint(0, 50, (40,))
+    got = torch.compile(head, backend="mst", options={"compiler": "aot_eager"})(hs, y.int())
+    assert mst_compile.counters["head_rewritten"] == 1
+    torch.testing.assert_close(got, head(hs, y))
+
+
+def test_target_of_another_shape_is_left_alone():
+    hs, y = torch.randn(2, 6, 16), torch.randint(0, 50, (2, 6))
+    gm, ctx, _ = rewrite(lambda h, t: F.cross_entropy(_HEAD.proj(h).transpose(1, 2), t), hs, y)
+    assert not _calls(gm)
+
+
+_HEAD = _Head()
+
+
+def test_fake_kernel_refuses_what_it_does_not_compute():
+    """A mismatch between a match and the op fails while tracing (compile time), not in the compiled step."""
+    from mst_compile.ops import registry
+
+    key = registry.register_cast(torch.float32)
+    h, w = torch.randn(8, 16), torch.randn(50, 16)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fh, fw = mode.from_tensor(h), mode.from_tensor(w)
+        for labels in (torch.zeros(8, dtype=torch.int32), torch.zeros(7, dtype=torch.int64), torch.zeros(8, 50)):
+            with pytest.raises(RuntimeError, match="mst::linear_ce"):
+                torch.ops.mst.linear_ce(fh, fw, None, mode.from_tensor(labels), key, key, -100, 0.0, 1, 0,
+                                        [False, False, False], False, True)  # fmt: skip
