@@ -17,6 +17,8 @@ import json
 
 import torch
 
+from mst_compile.bench.deps import require
+
 CONFIG = {
     "model": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 4, "vocab_size": 256},  # fmt: skip
@@ -39,6 +41,7 @@ def _set(cfg: dict, assignment: str) -> None:
 
 
 def build(cfg: dict):
+    require("transformers", "the example's model")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(cfg["train"]["seed"])

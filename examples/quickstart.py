@@ -7,9 +7,12 @@ import argparse
 import logging
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import mst_compile
+from mst_compile.bench.deps import require
+
+require("transformers", "the example's model")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--tokens", type=int, default=2048)

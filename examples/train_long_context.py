@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from mst_compile.bench.deps import require
 from mst_compile.bench.measure import PeakMeter
 
 try:
@@ -46,6 +47,7 @@ def stdlib_bytes(limit: int = 64 << 20) -> torch.Tensor:
 
 
 def train(a) -> dict:
+    require("transformers", "the example's model")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(a.seed)
@@ -85,8 +87,7 @@ def steady_peak(log: dict) -> float:
 
 
 def plot(folder: str) -> str:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "--plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -11,7 +11,10 @@ import torch
 
 def _build(name: str):
     from .bench import models, zoo
+    from .bench.deps import require
 
+    if name != "nanogpt":
+        require("transformers", f"the model {name!r}")
     if name in models.CONFIGS:
         return models.build_llama(name)
     if name in zoo.ARCHS or name == "nanogpt":

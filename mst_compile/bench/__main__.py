@@ -23,6 +23,7 @@ import sys
 import tempfile
 
 from . import output
+from .deps import require
 from .measure import run_worker
 from .worker import ARMS, EXTRA_ARMS, FORMS, STEP_ONLY
 
@@ -91,6 +92,8 @@ def main(argv=None) -> int:
     for arm in arms:
         if arm not in ARMS + EXTRA_ARMS:
             p.error(f"unknown arm {arm!r}; arms: {ARMS + EXTRA_ARMS}")
+    if a.model != "zoo:nanogpt":
+        require("transformers", "the benchmark's models")
     os.makedirs(a.out, exist_ok=True)
     if a.cap_mib:
         from .search import longest_under_cap

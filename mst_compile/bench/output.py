@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 
+from .deps import install_hint, optional
+
 log = logging.getLogger("mst_compile.bench")
 
 KEYS = ["form", "tokens", "arm", "peak_mib", "floor_mib", "peak_ratio", "step_s_median", "time_ratio", "compile_s",
@@ -49,14 +51,13 @@ def table(rows: list[dict]) -> str:
 def plot(rows: list[dict], path: str) -> bool:
     """Peak MiB vs tokens, one panel per form, one line per arm (and mst's floor dashed). ``False`` without
     matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot")
+    matplotlib = optional("matplotlib")
+    if matplotlib is None:
+        log.warning("no plot: %s", install_hint("matplotlib"))
         return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     ok = [r for r in rows if "peak_mib" in r]
     forms = sorted({r["form"] for r in ok}, reverse=True)
     if not forms:
