@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch._dynamo.utils import counters as dynamo_counters  # noqa: F401
 from torch._inductor.compile_fx import compile_fx  # noqa: F401
 from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: F401
+from torch._inductor.custom_graph_pass import get_custom_graph_passes as custom_graph_passes  # noqa: F401
 from torch._ops import OpOverload  # noqa: F401
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
 

@@ -49,17 +49,26 @@ def _inductor(gm, example_inputs, cfg: MSTConfig, mode: str | None, custom_passe
     if cfg.compiler == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    if custom_passes and cfg.enabled:
-        if "post_grad_custom_post_pass" not in cfg.inductor:
-            patches["post_grad_custom_post_pass"] = EmbeddingGradPass()  # NOTE [tied embedding gradient]
-        if cfg.recompute != "none" and "joint_custom_pre_pass" not in cfg.inductor:
-            patches["joint_custom_pre_pass"] = RecomputePass(cfg.recompute)  # NOTE [selective recompute]
-        if cfg.recompute != "none" and "post_grad_custom_pre_pass" not in cfg.inductor:
-            patches["post_grad_custom_pre_pass"] = RematPass()  # NOTE [second recompute]
-        patches["allow_buffer_reuse"] = False  # NOTE [buffer reuse]
-        patches["score_fusion_memory_threshold"] = _NO_HORIZONTAL_FUSION  # NOTE [horizontal fusion]
     patches.update(cfg.inductor)
+    if custom_passes and cfg.enabled:
+        ours = {"post_grad_custom_post_pass": EmbeddingGradPass()}  # NOTE [tied embedding gradient]
+        if cfg.recompute != "none":
+            ours["joint_custom_pre_pass"] = RecomputePass(cfg.recompute)  # NOTE [selective recompute]
+            ours["post_grad_custom_pre_pass"] = RematPass()  # NOTE [second recompute]
+        for slot, mine in ours.items():
+            patches[slot] = chain_passes(patches[slot] if slot in patches else getattr(_compat.inductor_config(), slot), mine)
+        patches.setdefault("allow_buffer_reuse", False)  # NOTE [buffer reuse]
+        patches.setdefault("score_fusion_memory_threshold", _NO_HORIZONTAL_FUSION)  # NOTE [horizontal fusion]
     return _compat.compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def chain_passes(theirs, mine):
+    """NOTE [chained passes]: an Inductor custom-pass slot holding the user's (or a framework's) passes and
+    mst's, the user's first, so that installing mst never replaces a pass someone else set: globally in
+    ``torch._inductor.config`` or in ``options={"inductor": {...}}``. Inductor runs a tuple in order and keys
+    its cache on each pass's ``uuid``. Returns ``mine`` alone where the slot was empty."""
+    before = tuple(p for p in _compat.custom_graph_passes(theirs) if p is not mine)
+    return (*before, mine) if before else mine
 
 
 def mst_backend(gm: fx.GraphModule, example_inputs, options: dict | MSTConfig | None = None, mode: str | None = None):

@@ -12,26 +12,38 @@ backend="mst"))``) for the full saving.
 
 from __future__ import annotations
 
+import itertools
+import warnings
+
 import torch
 
 from . import _compat
 from .config import get_config
-from .passes import PassContext, run_passes
+from .passes import PassContext, copy_graph_module, run_passes
 from .report import Report, add_report
 
 
 class MSTPreGradPass(_compat.CustomGraphPass):
+    """NOTE [inductor-pass mode, copy then swap]: the passes rewrite a copy of Inductor's graph; only a rewrite
+    that finished is moved into the graph object Inductor holds (it keeps using that object), so a failure in
+    any pass leaves Inductor's graph exactly as it was, with one warning, as the backend's fallback does."""
+
     def __call__(self, graph: torch.fx.Graph) -> None:
         gm = graph.owning_module
         cfg = get_config()
         if not cfg.enabled:
             return
         ctx = PassContext(cfg, torch.is_grad_enabled(), allow_logits_output=False)
-        report = Report(graph=f"inductor-pass graph#{len(graph.nodes)}nodes")
-        # In place: Inductor keeps using this graph object (and its nodes' Dynamo attributes). Every region is
-        # checked before the graph is touched, so a CantChunk or a bug in a check leaves its region as it was.
-        run_passes(gm, ctx)
+        report = Report(graph=f"inductor-pass graph {next(_graph_ids)} ({len(graph.nodes)} nodes)")
+        try:
+            new = run_passes(copy_graph_module(gm), ctx)
+        except Exception as e:  # noqa: BLE001 - a bug in a rewrite must never break the user's compile
+            report.fallback = f"rewrite failed: {type(e).__name__}: {e}"
+            warnings.warn(f"mst: {report.fallback}; this graph is compiled as Inductor would", stacklevel=2)
+            new = None
         report.regions = ctx.regions
+        if new is not None and report.rewritten():
+            _swap_in(gm, new)
         add_report(report)
 
     def uuid(self):
@@ -41,13 +53,36 @@ class MSTPreGradPass(_compat.CustomGraphPass):
         return src + repr(get_config())
 
 
+_graph_ids = itertools.count(1)
+
+
+def _swap_in(gm: torch.fx.GraphModule, new: torch.fx.GraphModule) -> None:
+    """Replace the nodes of ``gm.graph`` (the same object) by those of ``new.graph``, and its nested bodies."""
+    graph = gm.graph
+    for n in reversed(list(graph.nodes)):
+        graph.erase_node(n)
+    graph.output(graph.graph_copy(new.graph, {}))
+    for name, sub in new.named_children():
+        if isinstance(sub, torch.fx.GraphModule):
+            setattr(gm, name, sub)
+    gm.recompile()
+
+
 def install() -> None:
+    """Add mst's pass to Inductor's ``pre_grad_custom_pass`` slot, after any pass already there
+    (NOTE [chained passes])."""
+    from .backend import chain_passes
+
     cfg = _compat.inductor_config()
-    cfg.pre_grad_custom_pass = MSTPreGradPass()
+    if not any(isinstance(p, MSTPreGradPass) for p in _compat.custom_graph_passes(cfg.pre_grad_custom_pass)):
+        cfg.pre_grad_custom_pass = chain_passes(cfg.pre_grad_custom_pass, MSTPreGradPass())
     # NOTE [early timing]: the pass must run on every compile, before Inductor's cache lookup: its chunk bodies
     # live in this process's registry, which a cache hit from another process would find empty.
     cfg.pre_grad_pass_timing = "early"
 
 
 def uninstall() -> None:
-    _compat.inductor_config().pre_grad_custom_pass = None
+    """Remove mst's pass; passes others installed stay."""
+    cfg = _compat.inductor_config()
+    rest = tuple(p for p in _compat.custom_graph_passes(cfg.pre_grad_custom_pass) if not isinstance(p, MSTPreGradPass))
+    cfg.pre_grad_custom_pass = (rest[0] if len(rest) == 1 else rest) if rest else None

@@ -316,3 +316,47 @@ def test_dynamic_sequence_length_keeps_chunking_without_recompiles(llama):
     assert mst_compile.counters["head_rewritten"] == 1 and mst_compile.counters["fallback_compile"] == 0
     # the causal mask is proven for a symbolic length: rewritten once, valid for every length
     assert mst_compile.counters["mask_rewritten"] == 1
+
+
+class _UserPass(torch._inductor.custom_graph_pass.CustomGraphPass):
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, graph):
+        self.calls += 1
+
+    def uuid(self):
+        return "user-pass"
+
+
+@pytest.mark.parametrize("where", ["global", "options"])
+@pytest.mark.parametrize("slot", ["joint_custom_pre_pass", "post_grad_custom_pre_pass", "post_grad_custom_post_pass"])
+def test_user_inductor_passes_are_chained_not_replaced(monkeypatch, slot, where):
+    """NOTE [chained passes]: a pass the user or a framework installed still runs, before mst's."""
+    import mst_compile.backend as backend
+
+    seen = {}
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None):
+        seen.update(config_patches or {})
+        return gm.forward
+
+    monkeypatch.setattr(backend._compat, "compile_fx", fake_compile_fx)
+    user = _UserPass()
+    options = {"inductor": {slot: user}} if where == "options" else {}
+    # Inductor's config.patch, not monkeypatch (which deletes a config key on undo)
+    with torch._inductor.config.patch({slot: user} if where == "global" else {}):
+        torch.compile(Block(PlainMLP()), backend="mst", options=options)(torch.randn(2, 5, 16))
+    chained = seen[slot]
+    assert isinstance(chained, tuple) and chained[0] is user and len(chained) == 2
+    assert type(chained[1]).__module__.startswith("mst_compile.passes")
+
+
+def test_a_user_pass_runs_under_inductor_next_to_mst():
+    user = _UserPass()
+    model = Block(PlainMLP())
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=user, force_disable_caches=True):
+        torch.compile(model, backend="mst")(x).sum().backward()
+    assert user.calls >= 2  # the forward and the backward graph
+    assert mst_compile.counters["mlp_rewritten"] == 2
