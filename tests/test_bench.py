@@ -132,3 +132,63 @@ def test_linetrace_finds_the_allocation_in_generated_code():
     assert rec and all("torchinductor" in path for _, path, _ in rec)
     assert max(m for m, _, _ in rec) >= 24 * 2**20, max(m for m, _, _ in rec)
     assert report(rec).startswith("peak ")
+
+
+def _rows():
+    """Two forms and three arms, as the benchmark writes them (eager without a step time, as in docs/bench)."""
+    rows = []
+    for form, arms in (("step", ("eager", "compile", "mst")), ("model", ("compile", "mst"))):
+        for tokens in (2048, 4096, 8192, 16384, 36864, 40960):
+            for i, arm in enumerate(arms):
+                rows.append(dict(form=form, tokens=tokens, arm=arm, peak_mib=tokens / (i + 1) / 10,
+                                 step_s_median=float("nan") if arm == "eager" else 1.0, floor_mib=tokens / 40,
+                                 **({"rewritten": 3, "masks_rewritten": 1} if arm == "mst" else {})))  # fmt: skip
+    return rows
+
+
+def test_table_has_blanks_not_nan_and_names_the_estimate_for_what_it_is():
+    from mst_compile.bench.output import add_ratios, table
+
+    rows = _rows()
+    add_ratios(rows)
+    text = table(rows)
+    assert "nan" not in text.lower(), text
+    head = text.splitlines()[0]
+    assert "floor" not in head and "estimate" in head, head  # measured peaks go below it: not a floor
+    assert "not all alive at once" in text
+    assert "1 mask" in text and "1 masks" not in text
+
+
+def test_plot_one_style_per_arm_legend_outside_readable_ticks(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from mst_compile.bench.output import plot
+
+    saved = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), original(fig, *a, **k))[1])
+    assert plot(_rows(), str(tmp_path / "p.png"))
+    (fig,) = saved
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)  # the closed figure lost its canvas
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    style = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            key = (line.get_color(), line.get_marker(), line.get_linestyle())
+            assert style.setdefault(line.get_label(), key) == key, line.get_label()  # same arm, same look
+    assert len({style[a] for a in ("eager", "compile", "mst")}) == 3
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()] + list(fig.legends)
+    assert legends
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes), "legend covers a panel"
+    for ax in fig.axes:
+        labels = [t for t in ax.get_xticklabels(which="both") if t.get_visible() and t.get_text()]
+        lo, hi = ax.get_xlim()
+        boxes = [t.get_window_extent(renderer) for t in labels if lo <= t.get_position()[0] <= hi]
+        assert len(boxes) >= 2
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :]), "x tick labels collide"

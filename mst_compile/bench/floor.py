@@ -1,8 +1,9 @@
-"""The analytic memory floor of one training step, printed next to each measured peak.
+"""The analytic memory estimate of one training step, printed next to each measured peak ("estimate" in the
+benchmark's table and plot; the functions keep the name ``floor`` and the results the key ``floor_mib``).
 
-floor = gradients of the trainable parameters
-      + the activations that must be saved for backward
-      + one chunk's intermediate (the largest of: one head chunk's fp32 logits, one MLP chunk's widened tensors).
+estimate = gradients of the trainable parameters
+         + the activations that must be saved for backward
+         + one chunk's intermediate (the largest of: one head chunk's fp32 logits, one MLP chunk's widened tensors).
 
 Activations, per decoder layer of a Llama-style model, per token (``H`` hidden, ``Hkv`` key/value width):
 the layer input and the two norm outputs that feed projections (3 H), q, k, v after RoPE (H + 2 Hkv), the
@@ -19,9 +20,9 @@ In the model form the returned logits (``tokens x vocab`` in the model dtype) ar
 they are in the floor too. Parameters are not counted: they exist before the step (the measured peak is the
 step's growth above its start).
 
-This is the issue's definition, a sum of the terms. Not every term is alive at the same moment (most weight
-gradients appear in backward, as the saved activations are freed), so at short lengths, where the gradients
-dominate, a measured peak can be below this "floor"; at long lengths the activations dominate and it is tight.
+It is a sum of the terms, not a lower bound: not every term is alive at the same moment (most weight gradients
+appear in backward, as the saved activations are freed), so at short lengths, where the gradients dominate, a
+measured peak can be below it; at long lengths the activations dominate and it is close.
 """
 
 from __future__ import annotations

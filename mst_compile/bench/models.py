@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 CONFIGS = {
-    # the reference model: 2-layer Llama, H=512, I=2048, V=32000
+    # the benchmark's reference model: 2-layer Llama, H=512, I=2048, V=32000
     "llama-small": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
                         num_key_value_heads=8, vocab_size=32000),
     # the CI memory-ratio test: logits (tokens x 8192 fp32) dominate as in the real thing, compiles in seconds

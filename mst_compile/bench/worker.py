@@ -17,7 +17,7 @@ from .measure import PeakMeter
 from .models import build_llama, token_batch
 
 ARMS = ("eager", "compile", "auto_chunker", "hf_ckpt", "compile_ckpt", "mst", "mst_ckpt")
-#: more peers (issue 4): activation-memory budgets, a tuned auto_chunker, a model variant calling
+#: more peers: activation-memory budgets, a tuned auto_chunker, a model variant calling
 #: F.linear_cross_entropy with its chunked options, and the paper's approach written by hand (eager)
 EXTRA_ARMS = ("budget_0.5", "budget_0.1", "auto_chunker_tuned", "auto_chunker_n8", "auto_chunker_n32", "linear_ce",
               "paper")  # fmt: skip
