@@ -47,6 +47,7 @@ def linear_ce(
     mean: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     pre, post = registry.get(pre_key), registry.get(post_key)
+    _check_targets(labels, ignore_index, w.shape[0])
     h, w = h.detach(), w.detach()
     b = None if b is None else b.detach()
     rows = h.shape[0]
@@ -94,6 +95,16 @@ def linear_ce(
     count = (labels != ignore_index).sum()
     loss = (loss_sum / count if mean else loss_sum).to(loss_dtype)
     return loss, count, dh, dw.to(w.dtype) if need_w else dw, db.to(b.dtype) if need_b else db, logits
+
+
+def _check_targets(labels: torch.Tensor, ignore_index: int, vocab: int) -> None:
+    """Eager's error for a label outside ``[0, vocab)`` on the CPU (one pass over the labels; on a GPU the
+    gather's device-side assert stands where eager's kernel has its own, with no host synchronization)."""
+    if labels.device.type != "cpu":
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        raise IndexError(f"Target {int(labels[bad][0])} is out of bounds.")
 
 
 def _ce_dtype(loss_dtype: torch.dtype) -> torch.dtype:
