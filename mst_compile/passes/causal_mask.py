@@ -14,20 +14,17 @@ Before::
 After::
     attn = scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=True)
 
-Proof, not pattern: the mask's subgraph is interpreted symbolically with sympy. Every tensor is one
-expression of its element index (one integer symbol per dimension, counted from the right, so broadcasting
-needs no renaming; a size-1 dimension's symbol is replaced by 0). ``arange`` is its index, indexing substitutes,
-comparisons give relations, ``diff`` / ``cumsum`` are evaluated where the result is a closed form. The rewrite
-happens only when the mask's expression is exactly ``kv_index <= q_index`` for every batch and head, the query
-and key lengths are equal (SDPA's ``is_causal`` is top-left aligned) and the subgraph reads no runtime tensor -
-a user's padding mask or position ids, a sliding window, a KV-cache offset all leave the mask alone.
-Symbolic sizes (dynamic shapes) are sympy symbols too, so the proof holds for every length.
+Proof, not pattern: ``mask_proof`` interprets the mask's subgraph symbolically (NOTE [causal-mask proof]); the
+rewrite happens only when the mask is exactly ``kv_index <= q_index`` for every batch, head and length, the
+query and key lengths are equal (SDPA's ``is_causal`` is top-left aligned) and the subgraph reads no runtime
+tensor - a user's padding mask or position ids, a sliding window, a KV-cache offset all leave the mask alone.
+Belt and braces (``mask_eval``): the subgraph is also run at small concrete lengths and compared with ``tril``;
+any disagreement leaves the mask alone.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 
 import sympy
 import torch
@@ -36,256 +33,12 @@ from torch import fx
 
 from .. import _compat
 from ..report import Region
+from . import mask_eval
 from .common import CantChunk, PassContext, skip, val
+from .mask_proof import IDX, Interp, is_kv_le_q, shape_of, sym_of, size_symbols
 
-_IDX = [sympy.Symbol(f"i{k}", integer=True, nonnegative=True) for k in range(8)]  # i0 = last dimension
-_TMP = [sympy.Symbol(f"t{k}", integer=True, nonnegative=True) for k in range(8)]
 _SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
 _HOP_CHECKPOINT = "tag_activation_checkpoint"
-
-
-class _V:
-    """A tensor (or scalar) as one sympy expression of its index; ``shape`` holds sympy sizes."""
-
-    __slots__ = ("expr", "shape")
-
-    def __init__(self, expr, shape=()):
-        self.expr = sympy.sympify(expr)
-        self.shape = tuple(shape)
-        for k, size in enumerate(reversed(self.shape)):  # a size-1 dimension has index 0
-            if size == 1:
-                self.expr = self.expr.subs(_IDX[k], 0)
-
-    @property
-    def is_bool(self) -> bool:
-        # not ``Boolean``: sympy's Symbol subclasses it
-        return isinstance(self.expr, (sympy.core.relational.Relational, sympy.logic.boolalg.BooleanAtom,
-                                      sympy.logic.boolalg.BooleanFunction))  # fmt: skip
-
-
-def _sym(x):
-    return sympy.sympify(_compat.sym_expr(x))
-
-
-def _shape(n) -> tuple:
-    v = val(n)
-    if not isinstance(v, torch.Tensor):
-        raise CantChunk(f"{n} has no tensor metadata")
-    return tuple(_sym(s) for s in v.shape)
-
-
-def _remap(expr, old_rank: int, new_rank: int, where: dict):
-    """Rename index symbols: old dimension ``d`` (from the left) becomes the expression ``where[d]``, written in
-    the new tensor's index symbols; all substitutions at once (old and new symbols share names)."""
-    subs = {_IDX[old_rank - 1 - d]: e for d, e in where.items()}
-    tmp = {_IDX[k]: _TMP[k] for k in range(new_rank)}
-    subs = {s: sympy.sympify(e).xreplace(tmp) for s, e in subs.items()}
-    back = {_TMP[k]: _IDX[k] for k in range(new_rank)}
-    return expr.xreplace(subs).xreplace(back)
-
-
-class _Interp:
-    """Symbolic evaluation of the nodes a mask depends on; anything unknown raises ``CantChunk``."""
-
-    def __init__(self):
-        self.env: dict[fx.Node, _V] = {}
-
-    def __call__(self, a):
-        if isinstance(a, fx.Node):
-            if a not in self.env:
-                self.env[a] = self._node(a)
-            return self.env[a]
-        if isinstance(a, (bool, int, torch.SymInt, torch.SymBool)):
-            return _V(_sym(a))
-        raise CantChunk(f"unsupported constant {a!r} in the mask")
-
-    def _node(self, n: fx.Node) -> _V:
-        v = val(n)
-        if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
-            return _V(_sym(v))  # sizes and integer arithmetic on them: their value is known symbolically
-        if n.op in ("placeholder", "get_attr"):
-            raise CantChunk(f"the mask depends on the runtime tensor {n.name}")
-        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", str(n.target))
-        fn = _RULES.get(name)
-        if fn is None:
-            raise CantChunk(f"the mask uses {name}, which the proof does not model")
-        out = fn(self, n)
-        if isinstance(v, torch.Tensor):
-            out = _V(out.expr, _shape(n))  # re-normalize against the recorded shape
-        return out
-
-
-def _arange(ip: _Interp, n):
-    a = [ip(x).expr for x in n.args]
-    start, end, step = (0, a[0], 1) if len(a) == 1 else (a[0], a[1], a[2] if len(a) > 2 else 1)
-    return _V(start + step * _IDX[0])
-
-
-def _arith(op):
-    def rule(ip: _Interp, n):
-        x, y = (ip(a) for a in n.args[:2])
-        if x.is_bool or y.is_bool or n.kwargs.get("alpha", 1) != 1:
-            raise CantChunk(f"arithmetic on booleans / scaled arithmetic in {n.name}")
-        return _V(op(x.expr, y.expr))
-
-    return rule
-
-
-def _compare(rel):
-    return lambda ip, n: _V(rel(ip(n.args[0]).expr, ip(n.args[1]).expr))
-
-
-def _logic(op):
-    def rule(ip: _Interp, n):
-        xs = [ip(a) for a in n.args[:2]]
-        if not all(x.is_bool for x in xs):
-            raise CantChunk(f"bitwise logic on integers in {n.name}")
-        return _V(op(*(x.expr for x in xs)))
-
-    return rule
-
-
-def _not(ip: _Interp, n):
-    x = ip(n.args[0])
-    if not x.is_bool:
-        raise CantChunk(f"bitwise not of integers in {n.name}")
-    return _V(sympy.Not(x.expr))
-
-
-def _same(ip: _Interp, n):
-    """Ops that keep every element's value: device moves, expand, a same-dtype ``to``."""
-    src = n.args[0]
-    if n.target == "to" and isinstance(val(src), torch.Tensor) and val(src).dtype != val(n).dtype:
-        raise CantChunk(f"{n.name} changes the dtype")
-    return ip(src)
-
-
-def _ones(ip: _Interp, n):
-    v = val(n)
-    return _V(sympy.true if v.dtype == torch.bool else 1)
-
-
-def _insert_dims(x: _V, rank_in: int, new_dims: list[int], rank_out: int) -> sympy.Basic:
-    """``x`` with size-1 dimensions inserted at output positions ``new_dims`` (from the left)."""
-    old = [d for d in range(rank_out) if d not in new_dims]
-    return _remap(x.expr, rank_in, rank_out, {d: _IDX[rank_out - 1 - o] for d, o in enumerate(old)})
-
-
-def _unsqueeze(ip: _Interp, n):
-    x = ip(n.args[0])
-    rank = len(x.shape)
-    d = n.args[1] if len(n.args) > 1 else n.kwargs["dim"]
-    d = d + rank + 1 if d < 0 else d
-    return _V(_insert_dims(x, rank, [d], rank + 1))
-
-
-def _getitem(ip: _Interp, n):
-    src, idx = n.args
-    if not isinstance(val(src), torch.Tensor):
-        raise CantChunk(f"{n.name} indexes a non-tensor")
-    x = ip(src)
-    rank_in, rank_out = len(x.shape), len(_shape(n))
-    idx = idx if isinstance(idx, tuple) else (idx,)
-    if any(isinstance(i, fx.Node) and isinstance(val(i), torch.Tensor) for i in idx):
-        # advanced indexing by one index tensor per dimension: out[j] = x[idx_0[j], idx_1[j], ...]
-        if len(idx) != rank_in or not all(isinstance(i, fx.Node) for i in idx):
-            raise CantChunk(f"{n.name}: only full advanced indexing is modelled")
-        return _V(_remap(x.expr, rank_in, rank_out, {d: ip(i).expr for d, i in enumerate(idx)}))
-    if sum(i is Ellipsis for i in idx) > 1:
-        raise CantChunk(f"{n.name}: several ellipses")
-    consumed = sum(1 for i in idx if i is not None and i is not Ellipsis)
-    where, d_in, d_out = {}, 0, 0
-    for i in idx:
-        if i is Ellipsis:
-            for _ in range(rank_in - consumed):
-                where[d_in] = _IDX[rank_out - 1 - d_out]
-                d_in, d_out = d_in + 1, d_out + 1
-        elif i is None:
-            d_out += 1
-        elif isinstance(i, slice):
-            start = sympy.sympify(ip(i.start).expr if i.start is not None else 0)
-            step = sympy.sympify(ip(i.step).expr if i.step is not None else 1)
-            if start.is_negative is not False or step.is_positive is not True:
-                raise CantChunk(f"{n.name}: a slice with a possibly negative start or step")
-            where[d_in] = start + step * _IDX[rank_out - 1 - d_out]
-            d_in, d_out = d_in + 1, d_out + 1
-        elif isinstance(i, (int, torch.SymInt)) or isinstance(i, fx.Node):
-            k = ip(i).expr
-            if k.is_negative:
-                k = k + x.shape[d_in]
-            where[d_in] = k
-            d_in += 1
-        else:
-            raise CantChunk(f"{n.name}: index {i!r} is not modelled")
-    while d_in < rank_in:  # trailing dimensions not named by the index
-        where[d_in] = _IDX[rank_out - 1 - d_out]
-        d_in, d_out = d_in + 1, d_out + 1
-    return _V(_remap(x.expr, rank_in, rank_out, where))
-
-
-def _diff(ip: _Interp, n):
-    """``diff(x, dim, prepend=p)``: a closed form only when every difference is the same expression."""
-    x = ip(n.args[0])
-    rank = len(x.shape)
-    if n.kwargs.get("n", 1) != 1 or n.kwargs.get("append") is not None or len(n.args) > 1:
-        raise CantChunk(f"{n.name}: only first differences with a prepended value are modelled")
-    d = n.kwargs.get("dim", -1)
-    k = _IDX[rank - 1 - (d + rank if d < 0 else d)]
-    inner = sympy.simplify(x.expr - x.expr.subs(k, k - 1))
-    p = n.kwargs.get("prepend")
-    if p is None:  # out[j] = x[j + 1] - x[j]
-        return _V(inner.subs(k, k + 1))
-    first = sympy.simplify(x.expr.subs(k, 0) - ip(p).expr)
-    if sympy.simplify(inner - first) != 0 or k in inner.free_symbols:
-        raise CantChunk(f"{n.name}: the differences are not one closed form")
-    return _V(inner)
-
-
-def _cumsum(ip: _Interp, n):
-    x = ip(n.args[0])
-    if x.expr in (sympy.false, sympy.Integer(0)):
-        return _V(0)
-    raise CantChunk(f"{n.name}: cumulative sum of a non-zero tensor")
-
-
-def _band(upper: bool):
-    """``tril`` / ``triu`` of a boolean tensor: column - row <= diagonal (tril) or >= diagonal (triu)."""
-
-    def rule(ip: _Interp, n):
-        x = ip(n.args[0])
-        diag = n.kwargs.get("diagonal", n.args[1] if len(n.args) > 1 else 0)
-        if not x.is_bool or len(x.shape) < 2 or not isinstance(diag, int):
-            raise CantChunk(f"{n.name}: tril/triu of a non-boolean tensor or a symbolic diagonal")
-        band = sympy.Ge(_IDX[0] - _IDX[1], diag) if upper else sympy.Le(_IDX[0] - _IDX[1], diag)
-        return _V(sympy.And(x.expr, band))
-
-    return rule
-
-
-_RULES = {
-    "arange": _arange,
-    "add": _arith(operator.add), "__add__": _arith(operator.add), "sub": _arith(operator.sub),
-    "__sub__": _arith(operator.sub), "mul": _arith(operator.mul), "__mul__": _arith(operator.mul),
-    "neg": lambda ip, n: _V(-ip(n.args[0]).expr),
-    "le": _compare(sympy.Le), "lt": _compare(sympy.Lt), "ge": _compare(sympy.Ge), "gt": _compare(sympy.Gt),
-    "eq": _compare(sympy.Eq), "ne": _compare(sympy.Ne),
-    "and_": _logic(sympy.And), "__and__": _logic(sympy.And), "logical_and": _logic(sympy.And),
-    "bitwise_and": _logic(sympy.And), "or_": _logic(sympy.Or), "__or__": _logic(sympy.Or),
-    "logical_or": _logic(sympy.Or), "bitwise_or": _logic(sympy.Or),
-    "invert": _not, "__invert__": _not, "logical_not": _not, "bitwise_not": _not,
-    "to": _same, "expand": _same, "expand_as": _same, "contiguous": _same, "clone": _same,
-    "new_ones": _ones, "ones": _ones, "ones_like": _ones,
-    "tril": _band(False), "triu": _band(True),
-    "getitem": _getitem, "unsqueeze": _unsqueeze, "diff": _diff, "cumsum": _cumsum,
-}  # fmt: skip
-
-
-def _is_kv_le_q(p) -> bool:
-    """``p`` is exactly ``i0 <= i1`` (key index <= query index) over the integers."""
-    k, q = _IDX[0], _IDX[1]
-    lhs = {sympy.Le: lambda r: r.lhs - r.rhs, sympy.Lt: lambda r: r.lhs - r.rhs + 1,
-           sympy.Ge: lambda r: r.rhs - r.lhs, sympy.Gt: lambda r: r.rhs - r.lhs + 1}.get(type(p))  # fmt: skip
-    return lhs is not None and sympy.expand(lhs(p) - (k - q)) == 0
 
 
 def _sdpa_mask(n: fx.Node):
@@ -296,19 +49,19 @@ def _sdpa_mask(n: fx.Node):
     return mask if isinstance(mask, fx.Node) and causal is False else None
 
 
-def prove_causal(mask: fx.Node, q: fx.Node, k: fx.Node, ip: _Interp | None = None) -> None:
+def prove_causal(mask: fx.Node, q: fx.Node, k: fx.Node, ip: Interp | None = None) -> None:
     """Raise ``CantChunk`` unless ``mask`` is the causal mask of SDPA(q, k, ...) for every shape."""
     mv, qv, kv = val(mask), val(q), val(k)
     if not all(isinstance(t, torch.Tensor) for t in (mv, qv, kv)) or mv.dtype != torch.bool:
         raise CantChunk("the mask is not a boolean tensor")
-    lq, lk = _sym(qv.shape[-2]), _sym(kv.shape[-2])
-    ms = _shape(mask)
+    lq, lk = sym_of(qv.shape[-2]), sym_of(kv.shape[-2])
+    ms = shape_of(mask)
     if len(ms) < 2 or sympy.simplify(lq - lk) != 0 or sympy.simplify(ms[-2] - lq) != 0 or (
         sympy.simplify(ms[-1] - lk) != 0
     ):
         raise CantChunk(f"query length {lq} and key length {lk} differ from each other or from the mask's")
-    p = (ip or _Interp())(mask).expr
-    if p.free_symbols - {_IDX[0], _IDX[1]} or not _is_kv_le_q(p):
+    p = (ip or Interp(size_symbols(mask.graph)))(mask).expr
+    if p.free_symbols - {IDX[0], IDX[1]} or not is_kv_le_q(p):
         raise CantChunk(f"the mask is {p}, not the causal mask i0 <= i1")
 
 
@@ -380,13 +133,14 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
     """Prove each distinct SDPA mask causal, then drop it from every attention call that reads it."""
     if not ctx.config.causal_mask:
         return
-    ip = _Interp()
+    ip = Interp(size_symbols(gm.graph))
     candidates = [(n, uses) for n in gm.graph.nodes if (uses := list(_uses(gm, n)))]
     for mask, uses in candidates:
         rec = Region("mask", mask.name, "skipped")
         try:
             for _, s in uses:
                 prove_causal(mask, s.args[0], s.args[1], ip)
+            mask_eval.check_tril(mask, sym_of(val(uses[0][1].args[0]).shape[-2]), ip.sizes)
         except Exception as e:  # noqa: BLE001 - CantChunk, or a bug: either way the mask stays
             skip(rec, e)
             ctx.regions.append(rec)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import mst_compile
 from mst_compile.bench.models import build_llama
-from mst_compile.passes import causal_mask
+from mst_compile.passes import causal_mask, mask_eval, mask_proof
 from tests.conftest import regions, rewrite
 
 S = 24
@@ -148,7 +148,152 @@ def test_diff_and_cumsum_closed_forms():
 
 
 def test_is_kv_le_q_normal_forms():
-    k, q = causal_mask._IDX[0], causal_mask._IDX[1]
-    assert causal_mask._is_kv_le_q(sympy.Le(k, q)) and causal_mask._is_kv_le_q(sympy.Ge(q, k))
-    assert causal_mask._is_kv_le_q(sympy.Lt(k, q + 1)) and causal_mask._is_kv_le_q(sympy.Gt(q + 1, k))
-    assert not causal_mask._is_kv_le_q(sympy.Lt(k, q)) and not causal_mask._is_kv_le_q(sympy.Le(q, k))
+    k, q = mask_proof.IDX[0], mask_proof.IDX[1]
+    assert mask_proof.is_kv_le_q(sympy.Le(k, q)) and mask_proof.is_kv_le_q(sympy.Ge(q, k))
+    assert mask_proof.is_kv_le_q(sympy.Lt(k, q + 1)) and mask_proof.is_kv_le_q(sympy.Gt(q + 1, k))
+    assert not mask_proof.is_kv_le_q(sympy.Lt(k, q)) and not mask_proof.is_kv_le_q(sympy.Le(q, k))
+
+
+# soundness: near-causal masks the proof must not mistake for the causal mask (NOTE [causal-mask proof])
+
+
+def _wrap_at_row0(lq, lk):  # pos[-1] wraps: row 0 sees every key
+    shifted = torch.arange(lq)[torch.arange(lq) - 1]
+    return torch.arange(lk)[None, :] <= shifted[:, None] + 1
+
+
+def _one_past_the_end(lq, lk):  # indices 1 - lq .. 0 wrap to 1 .. lq - 1, 0: every row sees every key
+    shifted = torch.arange(lq)[torch.arange(lq) + 1 - lq]
+    return torch.arange(lk)[None, :] <= shifted[:, None] + (lq - 1)
+
+
+def _left_padding(lq, lk, pad=3):  # keys 0..pad-1 wrap to kv + lk: masked out, as left padding would be
+    kv = torch.arange(lk)[torch.arange(lk) - pad] + pad
+    return kv[None, :] <= torch.arange(lq)[:, None]
+
+
+def _window_in_bool_compare(lq, lk):  # a boolean compared with an integer: (kv + 3 > q) != 0 is a window of 3
+    kv, q = torch.arange(lk)[None, :], torch.arange(lq)[:, None]
+    return (kv <= q) & ((kv + 3 > q) != 0)
+
+
+def _window_by_relative_table(lq, lk, w=4):  # table[kv - q + w - 1] wraps exactly outside the window
+    kv, q = torch.arange(lk)[None, :], torch.arange(lq)[:, None]
+    return torch.arange(2 * lk)[kv - q + (w - 1)] <= w - 1
+
+
+def _offset(dtype, c):
+    return lambda lq, lk: (torch.arange(lk, dtype=dtype) + c)[None, :] <= (torch.arange(lq, dtype=dtype) + c)[:, None]
+
+
+_UNSOUND = [
+    (_wrap_at_row0, "negative index wraps"),
+    (_one_past_the_end, "off by one: negative indices wrap at the end"),
+    (_left_padding, "left padding through a wrapped index"),
+    (_window_in_bool_compare, "sliding window hidden in a bool/int comparison"),
+    (_window_by_relative_table, "sliding window through a wrapping relative-position table"),
+    (_offset(torch.int8, 120), "int8 overflow"),
+    (_offset(torch.uint8, -1), "uint8 underflow"),
+    (_offset(torch.float16, 2040), "float16 rounds 2049 to 2048"),
+]
+
+
+def _self_attn(mask_fn):
+    def f(x):
+        n = x.shape[-2]
+        return F.scaled_dot_product_attention(x, x, x, attn_mask=mask_fn(n, n))
+
+    return f
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("mask_fn, why", _UNSOUND, ids=[w for _, w in _UNSOUND])
+def test_unsound_near_causal_masks_are_left_alone(mask_fn, why, dynamic):
+    fn = _self_attn(mask_fn)
+    args = _qkv()[:1]
+    expected = mask_fn(S, S)
+    assert not torch.equal(expected, torch.ones(S, S, dtype=torch.bool).tril()), why  # truly not causal
+    gm, [rec], ex = _run(fn, args, dynamic)
+    assert rec.status == "skipped", why
+    assert rec.reason and "internal error" not in rec.reason, rec.reason
+    assert _sdpa_calls(gm)[0].kwargs["attn_mask"] is not None
+    if not dynamic:
+        torch.testing.assert_close(gm(*ex)[0], fn(*args), equal_nan=True)
+
+
+@torch._dynamo.config.patch(capture_scalar_outputs=True)
+def test_runtime_scalar_is_left_alone():
+    """A value read from a runtime tensor (``.item()``) cancels symbolically, but float32 rounds ``kv + u``."""
+
+    def f(q, k, v, off):
+        u = off.item()
+        kv = (torch.arange(S, dtype=torch.float32) + u) - u
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=kv[None, :] <= torch.arange(S)[:, None])
+
+    args = (*_qkv(), torch.tensor(2**25))
+    gm, [rec], ex = _run(f, args)
+    assert rec.status == "skipped" and "internal error" not in rec.reason, rec.reason
+    torch.testing.assert_close(gm(*ex)[0], f(*args))
+
+
+def test_large_masks_are_decided_by_the_proof_alone(monkeypatch):
+    """Where the subgraph's tensors are too large to evaluate, the proof alone decides (both ways)."""
+    monkeypatch.setattr(mask_eval, "MAX_BYTES", 0)
+    _, [rec], _ = _run(*_attn(lambda lq, lk: torch.ones(lq, lk, dtype=torch.bool).tril()))
+    assert rec.status == "rewritten", rec.reason
+    _, [rec], _ = _run(_self_attn(_wrap_at_row0), _qkv()[:1])
+    assert rec.status == "skipped" and "index" in rec.reason, rec.reason
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_concrete_evaluation_backs_the_proof(monkeypatch, dynamic):
+    """Belt and braces: with the symbolic proof switched off, evaluating the mask subgraph at small concrete
+    lengths still catches the wrapped index."""
+    monkeypatch.setattr(causal_mask, "prove_causal", lambda *a, **k: None)
+    fn = _self_attn(_wrap_at_row0)
+    args = _qkv()[:1]
+    gm, [rec], ex = _run(fn, args, dynamic)
+    assert rec.status == "skipped" and "evaluat" in rec.reason, rec.reason
+    if not dynamic:
+        torch.testing.assert_close(gm(*ex)[0], fn(*args))
+
+
+_SOUND = [  # (mask, why, also under dynamic shapes: a symbolic length is unbounded, so no narrow dtype)
+    (lambda lq, lk: torch.arange(lk)[None, :] <= torch.arange(lq + 1)[torch.arange(lq) + 1][:, None] - 1,
+     "an index proven inside [0, size)", True),
+    (lambda lq, lk: torch.arange(lk)[None, :] <= torch.arange(lq)[torch.arange(lq) - lq][:, None],
+     "an index proven negative wraps exactly", True),
+    (_offset(torch.int16, 1000), "int16 without overflow", False),
+    (lambda lq, lk: (torch.arange(lk, dtype=torch.float32) + 7)[None, :] <= torch.arange(lq)[:, None] + 7,
+     "float32 holds small integers exactly", False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("mask_fn, why, dynamic_too", _SOUND, ids=[w for _, w, _ in _SOUND])
+def test_causal_masks_with_checked_indices_and_dtypes_are_rewritten(mask_fn, why, dynamic_too, dynamic):
+    if dynamic and not dynamic_too:
+        pytest.skip("a symbolic length is unbounded: a narrow dtype's range can't be proven")
+    fn = _self_attn(mask_fn)
+    args = _qkv()[:1]
+    gm, [rec], ex = _run(fn, args, dynamic)
+    assert rec.status == "rewritten", (why, rec.reason)
+    if not dynamic:
+        torch.testing.assert_close(gm(*ex)[0], fn(*args))
+
+
+def test_wrapped_index_reproduction_end_to_end():
+    """The reported reproduction, compiled by the mst backend with Inductor: left alone, same output as eager."""
+    n = 16
+
+    def f(q, k, v):
+        pos = torch.arange(n)
+        shifted = pos[torch.arange(n) - 1]
+        mask = torch.arange(n)[None, :] <= shifted[:, None] + 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q, k, v = _qkv(n, n)
+    out = torch.compile(f, backend="mst")(q, k, v)
+    torch.testing.assert_close(out, f(q, k, v))
+    masks = [r for rep in mst_compile.reports() for r in rep.regions if r.kind == "mask"]
+    assert masks and all(r.status == "skipped" for r in masks), [r.line() for r in masks]
