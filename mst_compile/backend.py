@@ -99,13 +99,17 @@ def mst_backend(gm: fx.GraphModule, example_inputs, options: dict | MSTConfig | 
         add_report(report)
         return _inductor(gm, example_inputs, cfg, mode, custom_passes=False)
     add_report(report)
-    if not ctx.logits_outputs:
-        return compiled
-    logits_outputs = ctx.logits_outputs
+    run = compiled
+    if ctx.logits_outputs:
+        logits_outputs = ctx.logits_outputs
 
-    def run(*args):
-        return rebuild_outputs(compiled(*args), logits_outputs)
+        def run(*args):
+            return rebuild_outputs(compiled(*args), logits_outputs)
 
+    if cfg.verify:  # NOTE [verify]
+        from .verify import verifying
+
+        return verifying(run, gm, cfg.verify, report)
     return run
 
 

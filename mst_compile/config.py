@@ -16,6 +16,7 @@ from typing import Any, Iterator
 LOGITS_MODES = ("full", "skip")
 COMPILERS = ("inductor", "aot_eager")
 RECOMPUTE_MODES = ("none", "norms", "attention")
+VERIFY_MODES = (False, True, "warn", "raise")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class MSTConfig:
     - ``compiler``: what compiles the rewritten graph: ``"inductor"`` (default), or ``"aot_eager"`` (AOTAutograd
       without code generation: fast, for debugging and tests).
     - ``dump_dir``: write each graph's code before and after every pass into this folder.
+    - ``verify``: ``True`` (or ``"warn"``) / ``"raise"``: on the first call of each rewritten graph, also run the
+      original graph and compare every output and gradient (NOTE [verify]); a mismatch warns or raises.
     """
 
     mlp: bool = True
@@ -62,6 +65,7 @@ class MSTConfig:
     enabled: bool = True
     compiler: str = "inductor"
     dump_dir: str | None = None
+    verify: bool | str = False
 
     def __post_init__(self):
         _check_int("num_chunks", self.num_chunks)
@@ -84,6 +88,8 @@ class MSTConfig:
             raise ValueError(f"mst: option 'recompute' must be one of {RECOMPUTE_MODES}, got {self.recompute!r}")
         if self.compiler not in COMPILERS:
             raise ValueError(f"mst: option 'compiler' must be one of {COMPILERS}, got {self.compiler!r}")
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"mst: option 'verify' must be one of {VERIFY_MODES}, got {self.verify!r}")
         if not isinstance(self.inductor, dict):
             raise ValueError(f"mst: option 'inductor' must be a dict of Inductor config keys, got {self.inductor!r}")
 
@@ -151,12 +157,15 @@ _ENV = {
     "MST_RECOMPUTE": "recompute",
     "MST_COMPILER": "compiler",
     "MST_DUMP_DIR": "dump_dir",
+    "MST_VERIFY": "verify",
 }
 _default: MSTConfig | None = None
 
 
 def _parse_env(name: str, raw: str):
     kind = {f.name: f.type for f in dataclasses.fields(MSTConfig)}[name]
+    if name == "verify" and raw.lower() in ("warn", "raise"):
+        return raw.lower()
     if "bool" in str(kind):
         if raw.lower() in ("1", "true", "yes", "on"):
             return True

@@ -74,6 +74,7 @@ class Report:
     regions: list[Region] = field(default_factory=list)
     fallback: str = ""  # non-empty: the rewritten graph failed to compile and plain Inductor was used
     index: int | None = None  # the graph's number in this process (1 for the first), set by add_report
+    verify: list = field(default_factory=list)  # NOTE [verify]: the first call's checks, when verify is on
 
     def rewritten(self, kind: str | None = None) -> list[Region]:
         return [r for r in self.regions if r.status == "rewritten" and (kind is None or r.kind == kind)]
