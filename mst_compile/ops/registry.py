@@ -83,6 +83,10 @@ def register(
     kind: str, gm: torch.fx.GraphModule, out_features: int, out_dtype: torch.dtype | None, exit_w=-1, exit_b=-1,
     autocast=None,
 ) -> str:  # fmt: skip
+    # the body's nodes were copied from the user's graph with their metadata: its fake values would keep that
+    # compile's FakeTensorMode (and every fake tensor of it) alive as long as the registry holds the body
+    for n in gm.graph.nodes:
+        n.meta = {}
     code = gm.code
     text = f"{kind}|{out_features}|{out_dtype}|{exit_w}|{exit_b}|{autocast}|{code}"
     key = f"{kind}:{VERSION}:{hashlib.sha1(text.encode()).hexdigest()[:16]}"

@@ -76,6 +76,7 @@ def rowwise_backward(
             if not inputs_needed or not out.requires_grad:
                 if needs[0]:
                     gx[s:e] = 0
+                out = mid = g_out = None
                 continue
             inputs = ([xc] if needs[0] else []) + wanted
             grads = list(torch.autograd.grad(out, inputs, g_out, allow_unused=True))
@@ -88,6 +89,9 @@ def rowwise_backward(
                     g = next(it)
                     if g is not None:
                         acc += g
+            # this chunk's output, its gradient and the weight-sized partials must not be alive while the next
+            # chunk's forward is recomputed
+            out = mid = g_out = grads = g = None
     result = [gx if gx is not None else x.new_empty(0)]
     for acc, p in zip(accs, params):
         result.append(p.new_empty(0) if acc is None else acc.to(p.dtype))

@@ -68,3 +68,15 @@ def test_low_precision_weight_grad_accumulates_in_fp32():
     for p, r in zip(ps, ref_ps):
         err = (p.grad.double() - r.grad).abs().max() / r.grad.abs().max()
         assert err < 2e-2, err  # bf16 output rounding only; 64 bf16 partial sums would drift further
+
+
+def test_registered_bodies_hold_no_fake_values():
+    """The registry outlives each compile: its bodies must not keep that compile's fake tensors alive."""
+    import mst_compile
+    from mst_compile.ops import registry
+    from tests.modules import Block, PlainMLP
+
+    torch.compile(Block(PlainMLP()), backend="mst", options={"compiler": "aot_eager"})(torch.randn(2, 5, 16))
+    assert mst_compile.counters["mlp_rewritten"] > 0
+    bodies = [b.fn for b in registry._BODIES.values() if isinstance(b.fn, torch.fx.GraphModule)]
+    assert bodies and all(not n.meta for gm in bodies for n in gm.graph.nodes)
