@@ -11,12 +11,12 @@ The only mst-specific line is the ``torch.compile`` call, and the backend name c
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 
 import torch
 
+from mst_compile.bench.cli import parser
 from mst_compile.bench.deps import require
 
 CONFIG = {
@@ -74,8 +74,11 @@ def train(cfg: dict) -> list[float]:
 
 
 def main(argv=None) -> list[float]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config entry")
+    p = parser("python examples/plain_loop.py", __doc__,
+               epilog="the config (--set a.b=value changes one entry; values are read as JSON when they parse):\n"
+               + json.dumps(CONFIG, indent=2))  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config entry, e.g. train.steps=5 (repeatable)")
     a = p.parse_args(argv)
     cfg = copy.deepcopy(CONFIG)
     for s in a.set:

@@ -1,23 +1,24 @@
-"""One-line use on an HF Llama built from a config (random weights, nothing downloaded).
+"""The one-line use on an HF Llama built from a config (random weights, nothing downloaded): a few AdamW steps
+of the compiled model, then the report of what mst rewrote.
 
-    python examples/quickstart.py [--tokens 2048] [--backend mst|inductor]
+    python examples/quickstart.py [--tokens 2048] [--backend mst|inductor] [--steps 3]
 """
 
-import argparse
 import logging
 
 import torch
 
 import mst_compile
+from mst_compile.bench.cli import parser
 from mst_compile.bench.deps import require
 
 require("transformers", "the example's model")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-p = argparse.ArgumentParser()
-p.add_argument("--tokens", type=int, default=2048)
-p.add_argument("--backend", default="mst")
-p.add_argument("--steps", type=int, default=3)
+p = parser("python examples/quickstart.py", __doc__)
+p.add_argument("--tokens", type=int, default=2048, help="tokens per step (one sequence)")
+p.add_argument("--backend", default="mst", help="torch.compile backend (mst, inductor, ...)")
+p.add_argument("--steps", type=int, default=3, help="training steps")
 a = p.parse_args()
 logging.basicConfig(level=logging.WARNING)
 

@@ -12,9 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "train_long_context.py")
 
 
-def _run(args, blocked=(), tmp_path=None, timeout=300):
+def _run(args, blocked=(), tmp_path=None, timeout=300, columns="80"):
     """``python ARGS`` from the repository root; each module in ``blocked`` imports as if not installed."""
-    env = dict(os.environ)
+    env = dict(os.environ, COLUMNS=columns)
     if blocked:
         for name in blocked:
             stub = f"raise ModuleNotFoundError('No module named ' + {name!r}, name={name!r})\n"
@@ -58,3 +58,53 @@ def test_benchmark_plot_without_matplotlib_says_which_extra(monkeypatch, caplog)
                          ids=["explain", "bench"])  # fmt: skip
 def test_model_commands_without_transformers_say_which_extra(tmp_path, args):
     _one_clear_line(_run(args, blocked=["transformers"], tmp_path=tmp_path), "transformers", "bench")
+
+
+@pytest.fixture
+def wide(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps at the terminal's width, and inside words at hyphens
+
+
+def _help(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_benchmark_help_lists_the_arms_models_and_defaults(capsys, wide):
+    from mst_compile.bench.__main__ import main
+    from mst_compile.bench.models import CONFIGS
+    from mst_compile.bench.worker import ARMS, EXTRA_ARMS
+
+    text = " ".join(_help(main, ["--help"], capsys).split())  # argparse wraps lines
+    assert all(arm in text for arm in ARMS + EXTRA_ARMS), text
+    assert all(name in text for name in CONFIGS), text
+    assert "(default: llama-small)" in text and "(default: 2048)" in text and "(default: bench_out)" in text, text
+
+
+def test_explain_help_lists_the_models_and_the_usage_names_the_subcommand(capsys, wide):
+    from mst_compile.__main__ import main
+    from mst_compile.bench import zoo
+    from mst_compile.bench.models import CONFIGS
+
+    text = " ".join(_help(main, ["explain", "--help"], capsys).split())
+    assert all(name in text for name in [*CONFIGS, *zoo.ARCHS]), text
+    assert "(default: 4096)" in text, text
+    top = _help(main, ["--help"], capsys)
+    assert top.startswith("usage: python -m mst_compile [-h] {explain}"), top
+    with pytest.raises(SystemExit):
+        main([])
+    err = capsys.readouterr().err
+    assert "explain" in err.splitlines()[-1], err  # the missing argument is named by its choices, not "cmd"
+
+
+def test_long_context_example_help_states_its_defaults_in_whole_sentences():
+    out = _run([EXAMPLE, "--help"], columns="1000")
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = " ".join(out.stdout.split())
+    assert "(default: 16384)" in text and "(default: 200)" in text and "(default: mst)" in text, text
+    assert "16384 tokens x 200 steps" in text, text  # what a run without arguments does, said up front
+    description = text.split("options:")[0].split("[--plot FOLDER]")[1]
+    assert "standard library's own source files" in description, description  # not cut mid-sentence
+    assert description.strip().endswith((".", ":")), description

@@ -6,23 +6,23 @@
     python -m mst_compile.bench --ablate min_chunk_tokens=128 --model qwen-vocab   # any mst option
     python -m mst_compile.bench --cap-mib 1024 --arms eager,compile,mst  # longest sequence under a memory cap
 
-Prints a table of peak MiB of one step, the analytic floor (``floor.py``), the peak ratio and the median
+Prints a table of peak MiB of one step, the analytic estimate (``floor.py``), the peak ratio and the median
 step-time ratio against ``torch.compile`` default (the strongest baseline). ``results.json``, ``results.csv``
-and ``table.txt`` are rewritten after each run, ``peak_vs_tokens.png`` drawn at the end; Ctrl-C stops the
-running arm's process and keeps, prints and plots what finished. Forms: ``step`` compiles a function returning only
-the loss; ``model`` compiles the model itself, which returns the logits too (the one-line use). ``--cold``
-gives every process an empty Inductor cache, so ``compile_s`` is a cold compile.
+and ``table.txt`` are rewritten after each run, ``peak_vs_tokens.png`` is drawn at the end; Ctrl-C stops the
+running arm's process and keeps, prints and plots what finished. Forms: ``step`` compiles a function returning
+only the loss; ``model`` compiles the model itself, which returns the logits too (the one-line use).
+``--cold`` gives every process an empty Inductor cache, so ``compile_s`` is a cold compile.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import tempfile
 
 from . import output
+from .cli import parser
 from .deps import require
 from .measure import run_worker
 from .worker import ARMS, EXTRA_ARMS, FORMS, STEP_ONLY
@@ -70,25 +70,31 @@ def _jobs(a, arms, forms, tokens_list):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mst_compile.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama-small", help="a name in bench/models.py CONFIGS (llama-small, qwen-vocab, "
-                   "byte-llama, llama-mem, vocab-mem, llama-tiny) or zoo:<arch>")  # fmt: skip
+    from .models import CONFIGS
+    from .zoo import ARCHS as ZOO
+
+    p = parser("python -m mst_compile.bench", __doc__)
+    p.add_argument("--model", default="llama-small", help=f"one of {', '.join(CONFIGS)} (bench/models.py), or "
+                   f"zoo:ARCH with ARCH one of {', '.join(ZOO)}, nanogpt")  # fmt: skip
     p.add_argument("--tokens", default="2048", help="comma-separated token counts (batch 1)")
-    p.add_argument("--arms", default=",".join(ARMS + EXTRA_ARMS))
-    p.add_argument("--forms", default=",".join(FORMS))
+    p.add_argument("--arms", default="all", help=f"comma-separated, from: {', '.join(ARMS + EXTRA_ARMS)}; all: every one")
+    p.add_argument("--forms", default=",".join(FORMS), help="comma-separated: step (a compiled function returning the "
+                   "loss), model (the compiled model, logits returned too; every arm but " + ", ".join(STEP_ONLY) + ")")
     p.add_argument("--steps", type=int, default=3, help="measured steps per arm (the table shows medians)")
     p.add_argument("--warmup", type=int, default=2, help="steps before the measured ones (the first compiles)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default="bench_out")
+    p.add_argument("--dtype", default="float32", help="parameter dtype")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default="bench_out", help="folder for results.json, results.csv, table.txt, the plot")
     p.add_argument("--ablate", default="",
                    help="also run mst with these fixed chunk counts, or options as key=int (comma-separated)")
-    p.add_argument("--cap-mib", type=float, default=0, help="search the longest sequence under this peak per arm")
+    p.add_argument("--cap-mib", type=float, default=0,
+                   help="search the longest sequence under this peak per arm instead (0: no search)")
     p.add_argument("--cap-start", type=int, default=1024, help="first length of the cap search")
     p.add_argument("--cap-max", type=int, default=131072, help="longest length the cap search tries")
     p.add_argument("--cold", action="store_true", help="an empty Inductor cache per process (cold compile time)")
     a = p.parse_args(argv)
-    arms, forms = a.arms.split(","), a.forms.split(",")
+    arms = list(ARMS + EXTRA_ARMS) if a.arms == "all" else a.arms.split(",")
+    forms = a.forms.split(",")
     for arm in arms:
         if arm not in ARMS + EXTRA_ARMS:
             p.error(f"unknown arm {arm!r}; arms: {ARMS + EXTRA_ARMS}")

@@ -6,16 +6,16 @@ compiled-step peak of mst vs ``torch.compile`` default, each arm in its own proc
 
 from __future__ import annotations
 
-import argparse
 
+from .cli import parser
 from .measure import run_worker
 from .zoo import ARCHS
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--archs", default=",".join([*ARCHS, "nanogpt"]))
+    p = parser("python -m mst_compile.bench.archs", __doc__)
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per step (batch 1)")
+    p.add_argument("--archs", default=",".join([*ARCHS, "nanogpt"]), help="comma-separated zoo architectures")
     a = p.parse_args(argv)
     print(f"{'arch':<10} {'regions':>7} {'compile MiB':>11} {'mst MiB':>8} {'ratio':>6}")
     for name in a.archs.split(","):

@@ -12,10 +12,10 @@ region outputs] were found. CPU only (RSS); on a GPU use ``torch.cuda.memory._re
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from .cli import parser
 from .worker import ARMS, build_step
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -63,12 +63,12 @@ def report(rec: list[tuple[int, str, int]], context: int = 30) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--arm", choices=ARMS, default="mst")
-    p.add_argument("--model", default="llama-small")
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--options", default="", help="JSON dict of mst options")
-    p.add_argument("--context", type=int, default=30)
+    p = parser("python -m mst_compile.bench.linetrace", __doc__)
+    p.add_argument("--arm", choices=ARMS, default="mst", help="the benchmark arm whose step is traced")
+    p.add_argument("--model", default="llama-small", help="a model of bench/models.py, or zoo:ARCH")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch 1)")
+    p.add_argument("--options", default="", help="mst options as JSON")
+    p.add_argument("--context", type=int, default=30, help="generated-code lines printed before the peak")
     a = p.parse_args(argv)
     _, step = build_step(a.arm, "step", a.model, a.tokens, a.options)
     step()

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -13,6 +12,7 @@ import time
 import torch
 
 from .. import _compat
+from .cli import parser
 from .measure import PeakMeter
 from .models import build_llama, token_batch
 
@@ -97,16 +97,16 @@ def build_step(arm: str, form: str, model_name: str, tokens: int, options: str =
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--arm", choices=ARMS + EXTRA_ARMS, required=True)
-    p.add_argument("--form", choices=FORMS, default="step")
-    p.add_argument("--model", default="llama-small")
-    p.add_argument("--tokens", type=int, default=8192)
+    p = parser("python -m mst_compile.bench.worker", __doc__)
+    p.add_argument("--arm", choices=ARMS + EXTRA_ARMS, required=True, help="what compiles the step")
+    p.add_argument("--form", choices=FORMS, default="step", help="step: a function returning the loss; model: the model")
+    p.add_argument("--model", default="llama-small", help="a model of bench/models.py, or zoo:ARCH")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch 1)")
     p.add_argument("--steps", type=int, default=3, help="measured steps after the warm-up steps")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps (the first one compiles)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--options", default="", help="JSON dict of mst options")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--dtype", default="float32", help="parameter dtype")
+    p.add_argument("--options", default="", help="mst options as JSON")
     a = p.parse_args(argv)
     model, step = build_step(a.arm, a.form, a.model, a.tokens, a.options, a.device, a.dtype)
     t0 = time.perf_counter()
