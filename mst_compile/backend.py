@@ -77,6 +77,7 @@ def mst_backend(gm: fx.GraphModule, example_inputs, options: dict | MSTConfig | 
     if not cfg.enabled:
         return _inductor(gm, example_inputs, cfg, mode)
     report = Report(graph=f"{len(gm.graph.nodes)} nodes")
+    report.note_parameters(example_inputs)
     ctx = PassContext(cfg, torch.is_grad_enabled())
     try:
         new_gm = run_passes(copy_graph_module(gm), ctx)

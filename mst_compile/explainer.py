@@ -49,9 +49,7 @@ def explain(model, *args, options: dict | MSTConfig | None = None, **kwargs) -> 
         out.reports.append(Report(f"{len(gm.graph.nodes)} nodes", ctx.regions, index=len(out.reports) + 1))
         return gm.forward
 
-    torch._dynamo.reset()
-    try:
-        torch.compile(model, backend=backend)(*args, **kwargs)
-    finally:
-        torch._dynamo.reset()
+    # No torch._dynamo.reset(): that would drop every other compiled model's code too. Dynamo guards each cached
+    # graph on the backend that compiled it, so this backend traces afresh and the user's graphs stay.
+    torch.compile(model, backend=backend)(*args, **kwargs)
     return out

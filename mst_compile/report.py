@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import weakref
 import re
 from dataclasses import dataclass, field
 
@@ -75,6 +76,17 @@ class Report:
     fallback: str = ""  # non-empty: the rewritten graph failed to compile and plain Inductor was used
     index: int | None = None  # the graph's number in this process (1 for the first), set by add_report
     verify: list = field(default_factory=list)  # NOTE [verify]: the first call's checks, when verify is on
+    # weak references to the parameters the graph reads (Dynamo passes them as graph inputs), to tell which
+    # model a report belongs to without keeping the model alive
+    params: list = field(default_factory=list, repr=False)
+
+    def parameters(self) -> list:
+        return [p for p in (ref() for ref in self.params) if p is not None]
+
+    def note_parameters(self, example_inputs) -> None:
+        import torch
+
+        self.params = [weakref.ref(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)]
 
     def rewritten(self, kind: str | None = None) -> list[Region]:
         return [r for r in self.regions if r.status == "rewritten" and (kind is None or r.kind == kind)]
@@ -103,13 +115,20 @@ def add_report(report: Report) -> None:
     log.info("%s", report)
 
 
-def reports() -> list[Report]:
-    """Every report of this process, oldest first."""
-    return list(_reports)
+def reports(model=None) -> list[Report]:
+    """Every report of this process, oldest first; with ``model`` (a module, or the compiled module), only
+    those of graphs that read its parameters: what ``torch.compile(model, backend="mst")`` did to that model,
+    whatever else was compiled in the process."""
+    if model is None:
+        return list(_reports)
+    mine = {id(p) for p in model.parameters()}
+    return [r for r in _reports if any(id(p) in mine for p in r.parameters())]
 
 
-def last_report() -> Report | None:
-    return _reports[-1] if _reports else None
+def last_report(model=None) -> Report | None:
+    """The newest report (of ``model``'s graphs when given, see :func:`reports`)."""
+    found = reports(model)
+    return found[-1] if found else None
 
 
 def reset_counters() -> None:

@@ -44,3 +44,30 @@ def test_cli_explain(capsys):
     main(["explain", "--model", "llama-tiny", "--tokens", "64"])
     out = capsys.readouterr().out
     assert "4 regions rewritten" in out  # 2 MLPs, the head, the causal mask
+
+
+def test_explain_leaves_other_compiled_models_compiled():
+    from tests.modules import Block, PlainMLP
+
+    model = Block(PlainMLP())
+    x = torch.randn(2, 5, 16)
+    cm = torch.compile(model, backend="mst", options={"compiler": "aot_eager"})
+    cm(x)
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    mst_compile.explain(Block(PlainMLP()), x)
+    cm(x)  # served from Dynamo's cache: no new frame compiled for the mst model
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames + 1  # the explain trace only
+
+
+def test_reports_per_model():
+    from tests.modules import Block, GatedMLP, PlainMLP
+
+    a, b = Block(PlainMLP()), GatedMLP()
+    ca = torch.compile(a, backend="mst", options={"compiler": "aot_eager"})
+    cb = torch.compile(b, backend="mst", options={"compiler": "aot_eager"})
+    ca(torch.randn(2, 5, 16))
+    cb(torch.randn(2, 5, 16))
+    assert mst_compile.last_report() is mst_compile.last_report(b) is mst_compile.last_report(cb)
+    ra = mst_compile.reports(a)
+    assert len(ra) == 1 and ra == mst_compile.reports(ca) and ra[0] is not mst_compile.last_report(b)
+    assert len(ra[0].rewritten("mlp")) == 2 and len(mst_compile.last_report(b).rewritten("mlp")) == 1
