@@ -306,6 +306,7 @@ def test_inductor_failure_on_rewritten_graph_falls_back(monkeypatch):
     assert mst_compile.counters["fallback_compile"] == 1
 
 
+@pytest.mark.slow
 def test_dynamic_sequence_length_keeps_chunking_without_recompiles(llama):
     cm = torch.compile(llama, backend="mst", dynamic=True, options={"num_chunks": 3})
     for seq in (17, 29, 40):

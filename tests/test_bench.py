@@ -34,6 +34,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "mst_compile.bench", "--model", "llama-tiny", "--tokens", "256", "--steps", "1",
@@ -49,6 +50,7 @@ def test_bench_smoke(tmp_path):
     assert "peak/compile" in out.stdout and (tmp_path / "results.csv").exists()
 
 
+@pytest.mark.slow
 def test_interrupt_keeps_the_finished_rows_and_stops_the_running_arm(tmp_path):
     """Each finished row is in results.json and table.txt as it lands; Ctrl-C (SIGINT to the benchmark alone,
     so it must stop the arm's process itself) ends the run cleanly, keeping and printing what finished."""

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -16,6 +18,7 @@ def _losses(*args):
     return [float(x) for x in re.findall(r"loss (\d+\.\d+)", out.stdout)], out.stdout
 
 
+@pytest.mark.slow
 def test_plain_loop_config_switch():
     mst, text = _losses()  # the config's default: backend "mst"
     ind, _ = _losses("--set", "compile.backend=inductor")
@@ -24,6 +27,7 @@ def test_plain_loop_config_switch():
     assert "mlp" in text and "rewritten" in text  # the report printed by the example: regions were rewritten
 
 
+@pytest.mark.slow
 def test_long_context_example_measures_cpu_peaks_as_the_user_runs_it(tmp_path):
     """Run without ``MALLOC_MMAP_THRESHOLD_`` (as a user would): the example must still measure the step's peak
     (measured here: 28 MiB with the variable; without it, before the example set it itself, 0)."""

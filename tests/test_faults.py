@@ -68,6 +68,7 @@ def _dynamo_stats(backend, options=None):
     return sum(c["graph_break"].values()), c["stats"]["unique_graphs"]
 
 
+@pytest.mark.slow
 def test_no_extra_graph_breaks_or_recompiles_vs_torch_compile():
     breaks_ref, graphs_ref = _dynamo_stats("aot_eager")
     breaks, graphs = _dynamo_stats("mst", AOT)

@@ -9,6 +9,8 @@ import pytest
 
 from mst_compile.bench.measure import run_worker
 
+pytestmark = pytest.mark.slow  # each measurement compiles in its own process
+
 TOKENS = "4096"
 COMMON = ["--model", "llama-mem", "--tokens", TOKENS, "--steps", "1"]
 

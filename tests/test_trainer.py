@@ -7,6 +7,8 @@ import torch
 import mst_compile
 from mst_compile.bench import zoo
 
+pytestmark = pytest.mark.slow  # HF Trainer runs, one in two subprocesses
+
 pytest.importorskip("accelerate")
 from transformers import Trainer, TrainingArguments  # noqa: E402
 

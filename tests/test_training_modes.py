@@ -103,6 +103,7 @@ def test_activation_checkpointing(how):
     _compare(model, step)
 
 
+@pytest.mark.slow
 def test_adamw_loop_follows_torch_compile():
     """Five AdamW steps: the loss curve of mst equals torch.compile default's (both through Inductor)."""
     ids, mask, labels = _batch()

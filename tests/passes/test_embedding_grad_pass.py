@@ -77,6 +77,7 @@ def _tied_llama():
     return build_llama("llama-tiny", tie_word_embeddings=True).float()
 
 
+@pytest.mark.slow
 def test_tied_model_end_to_end():
     """Compiled with Inductor (no cache, so the post-grad pass runs): the rewrite happens once and every
     gradient matches eager's, the tied weight's included."""
