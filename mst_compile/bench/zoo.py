@@ -19,6 +19,8 @@ ARCHS = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 30.0}),
+    # a 16-token sliding window: any longer sequence builds a real (non-causal) mask, left alone by mst
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "sliding_window": 16}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": H, "n_layer": L, "n_head": 4, "n_inner": 4 * H,
                                                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),

@@ -27,6 +27,7 @@ partitioner's CSE would merge them back). Measured: README "Measured" (llama-sma
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 
@@ -56,8 +57,11 @@ class _CantRemat(Exception):
 
 def _is_view(n: fx.Node) -> bool:
     t = n.target
-    if not isinstance(t, _compat.OpOverload):
-        return False
+    return isinstance(t, _compat.OpOverload) and _returns_view(t)
+
+
+@functools.lru_cache(maxsize=None)
+def _returns_view(t) -> bool:
     rets = t._schema.returns
     return bool(rets) and rets[0].alias_info is not None and not rets[0].alias_info.is_write
 
@@ -67,7 +71,8 @@ def _barrier(n: fx.Node) -> bool:
 
 
 class _Lifetimes:
-    """Positions, storage owners (a view's owner is its base's) and each owner's last use in a graph."""
+    """Positions, storage owners (a view's owner is its base's), each owner's last use and its readers (the
+    nodes that read it or a view of it, in graph order) in a graph."""
 
     def __init__(self, graph: fx.Graph):
         self.nodes = list(graph.nodes)
@@ -78,10 +83,16 @@ class _Lifetimes:
             view = _is_view(n) or (n.target is operator.getitem and isinstance(a, fx.Node) and _is_view(a))
             self.owner[n] = self.owner[a] if view and isinstance(a, fx.Node) else n
         self.last: dict[fx.Node, int] = {}
+        self.readers: dict[fx.Node, list[fx.Node]] = {}
         for n in self.nodes:
-            for a in n.all_input_nodes:
-                o = self.owner[a]
-                self.last[o] = max(self.last.get(o, -1), self.pos[n])
+            for o in dict.fromkeys(self.owner[a] for a in n.all_input_nodes):
+                self.last[o] = self.pos[n]
+                self.readers.setdefault(o, []).append(n)
+
+    def readers_after(self, owners, p: int) -> list[fx.Node]:
+        """The nodes after position ``p`` that read any of ``owners`` (or a view of one), in graph order."""
+        found = {u for o in owners for u in self.readers.get(o, ()) if self.pos[u] > p}
+        return sorted(found, key=self.pos.__getitem__)
 
     def step_input(self, o: fx.Node) -> bool:
         """A forward input (parameter, buffer, the caller's tensor): alive for the whole step."""
@@ -99,7 +110,10 @@ def _remat_one(graph: fx.Graph, life: _Lifetimes, b: fx.Node) -> int:
         and _numel(o) * 2 >= big
     }  # fmt: skip
     while crossing:
-        later = [n for n in life.nodes[pb + 1 :] if any(life.owner[a] in crossing for a in n.all_input_nodes)]
+        # NOTE [remat cost]: from the readers index, not a scan of the graph after ``b``: each failed value is
+        # dropped and the plan retried, and the weight gradients made before ``b`` (alive to the output) cross
+        # every later big op, so a scan per retry grew with the cube of the layer count (16 Gemma-3 layers: 3 s).
+        later = life.readers_after(crossing, pb)
         try:
             plan = _plan(life, crossing, later)
         except _CantRemat as e:
