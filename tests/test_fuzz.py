@@ -184,3 +184,35 @@ def test_regression_small_and_prime_token_counts_through_inductor(rows, chunks):
     x = torch.randn(1, rows, 8, requires_grad=True)
     out = torch.compile(m, backend="mst", options={"num_chunks": chunks})(x)
     torch.testing.assert_close(out, m(x))
+
+
+@settings(max_examples=int(os.environ.get("MST_FUZZ_PRECISION_EXAMPLES", 16)))
+@given(mode=st.sampled_from(["fp32", "bf16-params", "fp16-params", "autocast-around", "autocast-inside"]),
+       upcast=st.booleans(), rows=st.integers(1, 90), v=st.integers(2, 300), i=st.integers(8, 96),
+       chunks=st.integers(1, 7), seed=st.integers(0, 2**16))  # fmt: skip
+def test_heads_and_mlps_follow_eager_in_every_precision_mode(mode, upcast, rows, v, i, chunks, seed):
+    """NOTE [precision modes]: the loss in eager's dtype, loss and gradients no further from fp64 than eager's."""
+    from tests.test_precision import _LM, PRECISION_MODES, _lm_step, _rel
+
+    dtype, around, inside = PRECISION_MODES[mode]
+    torch.manual_seed(seed)
+    model = _LM(v=v, h=16, i=i, upcast=upcast).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    ids, labels = torch.randint(0, v, (1, rows), generator=gen), torch.randint(0, v, (1, rows), generator=gen)
+    ref_model = _LM(v=v, h=16, i=i, upcast=upcast).double()
+    ref_model.load_state_dict({k: t.double() for k, t in model.state_dict().items()})
+    ref_loss, ref = _lm_step(ref_model, ids, labels, False, False)
+    eager_loss, eager = _lm_step(model, ids, labels, around, inside)
+    torch._dynamo.reset()
+    mst_compile.reset_counters()  # hypothesis runs every example inside one call of the test
+    cm = torch.compile(model, backend="mst", options={"num_chunks": chunks, "compiler": "aot_eager"})
+    loss, got = _lm_step(cm, ids, labels, around, inside)
+    assert mst_compile.counters["head_rewritten"] == 1
+    assert loss.dtype == eager_loss.dtype
+    floor = 1e-5 if dtype == torch.float32 and not (around or inside) else 4e-3  # the compute dtype
+    mst_err, eager_err = abs(loss.double() - ref_loss).item(), abs(eager_loss.double() - ref_loss).item()
+    assert mst_err <= 1.25 * eager_err + floor * abs(ref_loss).item(), (mst_err, eager_err)
+    vs_ref, eager_vs_ref = _rel(got, ref), _rel(eager, ref)
+    for n in ref:
+        assert got[n].dtype == eager[n].dtype, n
+        assert vs_ref[n] <= 1.25 * eager_vs_ref[n] + floor, (n, vs_ref[n], eager_vs_ref[n])
