@@ -36,6 +36,7 @@ def test_architecture(name):
         assert_close_rel(got[n], ref[n], name=n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", sorted(zoo.AUTO_ARCHS))
 def test_more_architectures_compile_exactly(model_type):
     """Walk more of the installed transformers' causal LMs: the expected regions, and never a wrong number."""
@@ -58,6 +59,7 @@ def test_more_architectures_compile_exactly(model_type):
         assert_close_rel(g, ref_g[n], name=n)
 
 
+@pytest.mark.slow
 def test_regression_gpt2_transposed_conv1d_weights_through_inductor():
     """GPT-2's Conv1D weights reach the MLP op as ``W.t()`` views: the op's fake kernels must give the same
     (contiguous) gradient layout as the real ones, or Inductor's stride asserts fail."""

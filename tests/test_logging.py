@@ -14,6 +14,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SET_LEVEL = "import logging; logging.getLogger('mst_compile').setLevel(logging.INFO)"
+#: what the backend does once per compiled graph (``add_report``), without compiling one
+REPORT = "from mst_compile.report import Report, add_report\nadd_report(Report('3 nodes'))\n"
 COMPILE = (
     "import torch\n"
     "torch.compile(lambda x: x * 2, backend='mst', options={'compiler': 'aot_eager'})(torch.randn(4))\n"
@@ -40,16 +42,17 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
     ids=["MST_LOG-torch-first", "MST_LOG-mst-first", "setLevel-before-torch", "setLevel-after-torch", "TORCH_LOGS"],
 )
 def test_one_report_per_compiled_graph_in_any_import_order(first, env):
-    out = _run(first + COMPILE, **env)
+    out = _run(first + REPORT, **env)
     reports = [line for line in out.stderr.splitlines() if "rewritten, " in line]
     assert len(reports) == 1, out.stderr[-2000:]  # printed, and printed once (one handler)
 
 
-def test_mst_log_debug_prints_the_graph_after_each_pass():
-    out = _run("import mst_compile\n" + COMPILE, MST_LOG="debug")
+def test_mst_log_debug_prints_the_report_and_the_graph_after_each_pass():
+    out = _run("import mst_compile\n" + COMPILE, MST_LOG="debug")  # a real compile, mst_compile imported first
     assert "after pass" in out.stderr, out.stderr[-2000:]
+    assert len([line for line in out.stderr.splitlines() if "rewritten, " in line]) == 1, out.stderr[-2000:]
 
 
 def test_silent_by_default():
-    out = _run(COMPILE)
+    out = _run("import torch\n" + REPORT)
     assert "rewritten, " not in out.stderr, out.stderr[-2000:]

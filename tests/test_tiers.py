@@ -18,6 +18,10 @@ SLOW_TESTS = [
     "tests.test_examples:test_plain_loop_config_switch",
     "tests.test_examples:test_long_context_example_measures_cpu_peaks_as_the_user_runs_it",
     "tests.test_training_modes:test_adamw_loop_follows_torch_compile",
+    "tests.test_architectures:test_more_architectures_compile_exactly",  # the zoo sweep; the core ones stay quick
+    "tests.passes.test_recompute_pass:test_end_to_end_tags_both_layers_and_matches_eager",  # through Inductor
+    "tests.passes.test_recompute_pass:test_gpt2_end_to_end",
+    "tests.passes.test_remat_pass:test_end_to_end_with_hf_checkpointing_matches_eager",
 ]
 
 

@@ -206,6 +206,7 @@ def tiny_llama_runs():
     return out
 
 
+@pytest.mark.slow
 def test_end_to_end_tags_both_layers_and_matches_eager(tiny_llama_runs):
     runs = tiny_llama_runs
     assert runs["attention"]["counters"].get("attention_inputs_recomputed") == 2  # two layers
@@ -215,6 +216,7 @@ def test_end_to_end_tags_both_layers_and_matches_eager(tiny_llama_runs):
             assert_close_rel(g, runs["eager"][name], name=f"{mode}:{name}")
 
 
+@pytest.mark.slow
 def test_end_to_end_saves_less(tiny_llama_runs):
     """Per layer the norm outputs and q, k, v (5 of H=64 fp32 per token, q and 2 GQA k/v heads smaller) are no
     longer kept: at 256 tokens at least 2 layers x (2 + 1 + 0.5 + 0.5) x 64 KiB fewer saved bytes."""
@@ -222,6 +224,7 @@ def test_end_to_end_saves_less(tiny_llama_runs):
     assert none - att >= 2 * 4 * 256 * 64 * 4, (none, att)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["norms", "attention"])
 def test_gpt2_end_to_end(mode):
     """The zoo's GPT-2 under the backend and Inductor. ``norms``: its LayerNorm chains are tagged, which needs

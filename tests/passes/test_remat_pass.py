@@ -186,6 +186,7 @@ def test_checkpointed_region_output_read_outside_is_saved(fix, monkeypatch):
         assert not saved and seen["bw_mms"] == 8, (saved, seen["bw_mms"])
 
 
+@pytest.mark.slow
 def test_end_to_end_with_hf_checkpointing_matches_eager():
     """A tiny Llama with HF gradient checkpointing under the backend and Inductor: the last layer's output is
     saved, values are recomputed again in backward, and the gradients are eager's."""
