@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .. import _compat
 from . import registry
 from .chunking import chunk_bounds
-from .rowwise import acc_dtype
+from .accumulate import GradAccumulator
 
 _EMPTY = (0,)
 
@@ -59,14 +59,16 @@ def linear_ce(
     loss_sum = torch.zeros((), dtype=ce_dtype, device=h.device)  # fp32 across chunks, whatever the model's dtype
     logits = h.new_empty((rows, w.shape[0]), dtype=pre.out_dtype or h.dtype) if want_logits else h.new_empty(_EMPTY)
     dh = h.new_empty(h.shape) if need_h else h.new_empty(_EMPTY)
-    dw = torch.zeros(w.shape, dtype=acc_dtype(w), device=w.device) if need_w else w.new_empty(_EMPTY)
-    db = torch.zeros(b.shape, dtype=acc_dtype(b), device=b.device) if need_b else h.new_empty(_EMPTY)
+    bounds = chunk_bounds(rows, num_chunks, chunk_rows)
+    # NOTE [weight-gradient accumulation]
+    dw = GradAccumulator(w, len(bounds)) if need_w else None
+    db = GradAccumulator(b, len(bounds)) if need_b else None
     fused = pre.cast_only and post.cast_only
     # NOTE [autocast]: under autocast the projection runs in the autocast dtype; casting h, w, b once to that
     # "compute dtype" is what autocast does for linear, and the gradient GEMMs then run in it too.
     cd = pre.autocast[1] if pre.autocast else w.dtype
     wc, bc = w.to(cd), None if b is None else b.to(cd)
-    for s, e in chunk_bounds(rows, num_chunks, chunk_rows):
+    for s, e in bounds:
         hc = h[s:e].to(cd)
         z = F.linear(hc, wc, bc)
         if fused:
@@ -88,13 +90,15 @@ def linear_ce(
         if need_h:
             torch.matmul(gz, wc, out=dh[s:e]) if dh.dtype == cd else dh[s:e].copy_(gz @ wc)
         if need_w:
-            dw.addmm_(gz.t(), hc) if dw.dtype == cd else dw.add_(torch.mm(gz.t(), hc))
+            dw.add_mm(gz.t(), hc)
         if need_b:
-            db += gz.sum(0).to(db.dtype)
+            db.add(gz.sum(0, dtype=db.acc_dtype))
         del gz  # else this chunk's [rows, vocab] gradient is still alive while the next chunk's logits are made
     count = (labels != ignore_index).sum()
     loss = (loss_sum / count if mean else loss_sum).to(loss_dtype)
-    return loss, count, dh, dw.to(w.dtype) if need_w else dw, db.to(b.dtype) if need_b else db, logits
+    dw = dw.result() if need_w else w.new_empty(_EMPTY)
+    db = db.result() if need_b else h.new_empty(_EMPTY)
+    return loss, count, dh, dw, db, logits
 
 
 def _check_targets(labels: torch.Tensor, ignore_index: int, vocab: int) -> None:

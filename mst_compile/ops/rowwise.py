@@ -17,12 +17,8 @@ import torch
 
 from .. import _compat
 from . import registry
+from .accumulate import GradAccumulator
 from .chunking import chunk_bounds
-
-
-def acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """Gradients of low-precision parameters are accumulated across chunks in fp32."""
-    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
 @torch.library.custom_op("mst::rowwise", mutates_args=())
@@ -54,24 +50,22 @@ def rowwise_backward(
     body = registry.get(key)
     gx = x.new_empty(x.shape) if needs[0] else None
     leaves = [p.detach().requires_grad_(n) for p, n in zip(params, needs[1:])]
-    accs = [torch.zeros(p.shape, dtype=acc_dtype(p), device=p.device) if n else None for p, n in zip(params, needs[1:])]
+    bounds = chunk_bounds(x.shape[0], num_chunks, chunk_rows)
+    # NOTE [weight-gradient accumulation]
+    accs = [GradAccumulator(p, len(bounds)) if n else None for p, n in zip(params, needs[1:])]
     wanted = [p for p, n in zip(leaves, needs[1:]) if n]
     inputs_needed = needs[0] or bool(wanted)
     with _compat.autograd_inside_op():
-        for s, e in chunk_bounds(x.shape[0], num_chunks, chunk_rows):
+        for s, e in bounds:
             xc = x[s:e].detach().requires_grad_(needs[0])
             out, g_out = body.inner(xc, *leaves), grad[s:e]
             if body.exit_w >= 0:  # NOTE [exit projection]; the GEMMs run in the body's compute dtype
                 mid = out.detach()
                 cd = mid.dtype
                 if needs[1 + body.exit_w]:
-                    acc = accs[body.exit_w]
-                    if acc.dtype == cd:
-                        acc.addmm_(g_out.t().to(cd), mid)
-                    else:  # low-precision GEMM, fp32 accumulation across chunks
-                        acc.add_(torch.mm(g_out.t().to(cd), mid))
+                    accs[body.exit_w].add_mm(g_out.t().to(cd), mid)
                 if body.exit_b >= 0 and needs[1 + body.exit_b]:
-                    accs[body.exit_b] += g_out.sum(0).to(accs[body.exit_b].dtype)
+                    accs[body.exit_b].add(g_out.sum(0, dtype=accs[body.exit_b].acc_dtype))
                 g_out = g_out.to(cd) @ params[body.exit_w].detach().to(cd)
             if not inputs_needed or not out.requires_grad:
                 if needs[0]:
@@ -87,14 +81,13 @@ def rowwise_backward(
             for acc, n in zip(accs, needs[1:]):
                 if n:
                     g = next(it)
-                    if g is not None:
-                        acc += g
+                    acc.add(g)
             # this chunk's output, its gradient and the weight-sized partials must not be alive while the next
             # chunk's forward is recomputed
             out = mid = g_out = grads = g = None
     result = [gx if gx is not None else x.new_empty(0)]
     for acc, p in zip(accs, params):
-        result.append(p.new_empty(0) if acc is None else acc.to(p.dtype))
+        result.append(p.new_empty(0) if acc is None else acc.result())
     return result
 
 

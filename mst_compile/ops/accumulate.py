@@ -1,0 +1,76 @@
+"""One weight-gradient accumulator for the chunk loops of both ops.
+
+NOTE [weight-gradient accumulation]: every chunk adds its share ``a @ b`` (a GEMM) or an autograd gradient into
+the parameter's gradient. Rules, the same in ``mst::rowwise_backward`` and ``mst::linear_ce``:
+- one chunk: no accumulator; the gradient is that one GEMM in the parameter's dtype, as eager computes it;
+- several chunks: an fp32 accumulator for bf16/fp16 parameters (the parameter's dtype otherwise), written by
+  the first chunk (beta = 0: no zero-fill, no add) and updated in place by the next ones: ``addmm_`` when the
+  GEMM's inputs have the accumulator's dtype; on CUDA a low-precision GEMM with fp32 output
+  (``out_dtype=torch.float32``) straight into the accumulator where this torch supports it, so partial sums are
+  never rounded to bf16 and no weight-sized temporary is made; elsewhere the GEMM in its own dtype and an
+  fp32 add (probed once per device and dtype, :func:`_fp32_out_gemm`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Gradients of low-precision parameters are accumulated across chunks in fp32."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_out_gemm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` works (and is right) here."""
+    if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        a = torch.randn(8, 16, device=device_type).to(dtype)
+        b = torch.randn(16, 4, device=device_type).to(dtype)
+        acc = torch.ones(8, 4, device=device_type)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return bool(torch.allclose(acc, 1 + a.float() @ b.float(), rtol=1e-2, atol=1e-2))
+    except Exception:  # noqa: BLE001 - not supported by this torch or device: use the fallback
+        return False
+
+
+class GradAccumulator:
+    """``add_mm(a, b)`` / ``add(g)`` once per chunk, then ``result()``: the gradient in the parameter's dtype."""
+
+    def __init__(self, param: torch.Tensor, num_chunks: int):
+        self.dtype, self.shape, self.device = param.dtype, param.shape, param.device
+        self.acc_dtype = acc_dtype(param) if num_chunks > 1 else param.dtype
+        self.acc: torch.Tensor | None = None
+
+    def add_mm(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``+= a @ b``."""
+        if self.acc is None:  # the first chunk writes (beta = 0)
+            if a.dtype != self.acc_dtype and _fp32_out_gemm(a.device.type, a.dtype):
+                self.acc = torch.mm(a, b, out_dtype=self.acc_dtype)
+            else:
+                self.acc = torch.mm(a, b).to(self.acc_dtype)
+        elif a.dtype == self.acc.dtype:
+            self.acc.addmm_(a, b)
+        elif _fp32_out_gemm(a.device.type, a.dtype):
+            torch.addmm(self.acc, a, b, out_dtype=self.acc.dtype, out=self.acc)
+        else:
+            self.acc.add_(torch.mm(a, b))
+
+    def add(self, g: torch.Tensor | None) -> None:
+        """``+= g`` (a bias's row sum, an autograd gradient)."""
+        if g is None:
+            return
+        if self.acc is None:
+            self.acc = g.to(self.acc_dtype) if g.dtype != self.acc_dtype else g.clone() if g._base is not None else g
+        else:
+            self.acc.add_(g)
+
+    def result(self) -> torch.Tensor:
+        """The gradient, in the parameter's dtype (zeros where no chunk contributed)."""
+        if self.acc is None:
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return self.acc.to(self.dtype)
