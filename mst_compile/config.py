@@ -36,7 +36,7 @@ class MSTConfig:
       ``"skip"`` does not materialize them; reading them raises an error (Liger's ``skip_logits``).
     - ``min_chunk_tokens``: with the automatic chunk count, no chunk is made smaller than this many tokens
       (``None``: 512, lowered toward 256 for a layer whose 512-token chunk would exceed 64 MiB: see
-      :meth:`min_rows` and NOTE [minimum chunk]).
+      ``plan.min_rows`` and NOTE [minimum chunk]).
     - ``recompute``: what backward recomputes instead of keeping from the forward (NOTE [selective recompute]):
       ``"attention"`` (default) the norm outputs and the attention's q, k, v (their projection GEMMs run again
       right before the attention backward); ``"norms"`` the norm outputs only (no GEMM repeated); ``"none"``
@@ -96,44 +96,11 @@ class MSTConfig:
     def replace(self, **changes: Any) -> "MSTConfig":
         return dataclasses.replace(self, **changes)
 
-    # NOTE [minimum chunk]: the automatic chunk count (a chunk's intermediate about the size of the layer's
-    # input) is bounded below by a chunk size, because every chunk of the head also adds its share into the
-    # whole weight gradient (V x H, read and written once per chunk): that traffic is fixed per chunk while the
-    # chunk's GEMM work shrinks with its tokens. 512 tokens keeps it invisible at any vocabulary. But the
-    # memory a 512-token chunk costs grows with the vocabulary (297 MiB of fp32 logits at V = 151936), so when
-    # a 512-token chunk's intermediate is over 64 MiB the minimum drops toward 64 MiB per chunk, never below
-    # 256 tokens. Measured (qwen-vocab, V = 151936, H = 512, 4096 tokens, CPU, compiled step, side by side):
-    # minimum 512 / 256 / 128 tokens: peak 1041 / 745 / 659 MiB, time 0.98x / 1.06x / 1.16x torch.compile.
-    # 256 keeps the step inside 1.10x; smaller chunks stay available through ``min_chunk_tokens`` or
-    # ``chunk_memory_mib``.
-    MIN_ROWS, LOWEST_MIN_ROWS, MIN_ROWS_MIB = 512, 256, 64
-
     def min_rows(self, row_bytes: int) -> int:
-        """The automatic policy's smallest chunk, in tokens, for a layer whose intermediate takes ``row_bytes``
-        per token: ``min_chunk_tokens`` when set, else NOTE [minimum chunk]."""
-        if self.min_chunk_tokens is not None:
-            return self.min_chunk_tokens
-        fit = self.MIN_ROWS_MIB * 2**20 // max(row_bytes, 1)
-        return max(self.LOWEST_MIN_ROWS, min(self.MIN_ROWS, fit))
+        """The automatic policy's smallest chunk in tokens (``plan.min_rows``)."""
+        from .plan import min_rows
 
-    def chunking(self, auto_chunks: int, rows=None, row_bytes: int = 0) -> tuple[int, int, str]:
-        """``(num_chunks, chunk_rows, label)`` for the chunked ops, given the shape-derived chunk count and the
-        bytes of one token's intermediate (for ``chunk_memory_mib``).
-
-        ``label`` is the chunk count the op will use when ``rows`` (tokens) is a known int, else the rule."""
-        from .ops.chunking import num_chunks_for
-
-        if self.num_chunks:
-            m, r, rule = self.num_chunks, 0, str(self.num_chunks)
-        elif self.chunk_tokens:
-            m, r, rule = 0, self.chunk_tokens, f"one per {self.chunk_tokens} tokens"
-        elif self.chunk_memory_mib:
-            r = max(1, int(self.chunk_memory_mib * 2**20 // max(row_bytes, 1)))
-            m, rule = 0, f"one per {r} tokens (<= {self.chunk_memory_mib:g} MiB each)"
-        else:
-            r = self.min_rows(row_bytes)
-            m, rule = auto_chunks, f"{auto_chunks}, >= {r} tokens each"
-        return m, r, str(num_chunks_for(rows, m, r)) if isinstance(rows, int) else rule
+        return min_rows(self, row_bytes)
 
 
 def _check_int(name: str, value) -> None:

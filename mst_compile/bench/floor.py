@@ -27,10 +27,9 @@ measured peak can be below it; at long lengths the activations dominate and it i
 
 from __future__ import annotations
 
-import math
 
 from ..config import MSTConfig
-from ..ops.chunking import chunk_bounds
+from ..plan import chunk_plan
 
 MIB = 2**20
 
@@ -46,10 +45,10 @@ def _cfg(model):
 
 
 def chunk_rows(tokens: int, hidden: int, width: int, row_bytes: int) -> int:
-    """Rows in the first (largest) chunk under mst's automatic policy: ``width / hidden`` chunks (fp32 widths
-    for the head), never fewer than the policy's minimum tokens each - the ops' own ``chunk_bounds``."""
-    start, stop = chunk_bounds(tokens, math.ceil(width / hidden), MSTConfig().min_rows(row_bytes))[0]
-    return stop - start
+    """Rows in the first (largest) chunk under mst's automatic policy on the CPU (``plan.chunk_plan``, the one
+    the passes use): ``width / hidden`` chunks, never fewer than the policy's minimum tokens each."""
+    plan = chunk_plan(MSTConfig(), rows=tokens, input_size=hidden, wide_size=width, row_bytes=row_bytes)
+    return plan.rows_in_first_chunk(tokens)
 
 
 def floor_mib(model, tokens: int, checkpointing: bool = False, logits_returned: bool = False,

@@ -33,6 +33,7 @@ from torch import fx
 
 from .. import _compat
 from ..ops import registry
+from ..plan import chunk_plan
 from ..report import Region
 from .common import (
     CantChunk,
@@ -320,9 +321,11 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
         mode = "skip" if cfg.logits == "skip" else ("bridge" if any(needs) else "plain")
     # NOTE [auto chunk count]: one chunk's fp32 logits about the size of the hidden states.
     rows = math.prod(hv.shape[:-1]) if all(isinstance(d, int) for d in hv.shape[:-1]) else None
-    auto = max(1, math.ceil(vocab * 4 / (hidden * hv.element_size())))
-    num_chunks, chunk_rows, label = cfg.chunking(auto, rows, row_bytes=vocab * 4)  # a chunk's fp32 logits
-    return HeadPlan(pre_key, post_key, needs, mode, num_chunks, chunk_rows, label)
+    plan = chunk_plan(cfg, rows=rows, input_size=hidden * hv.element_size(), wide_size=vocab * 4, row_bytes=vocab * 4,
+                      device_type=hv.device.type, device_index=hv.device.index)  # fmt: skip
+    if plan.whole:
+        raise CantChunk("the whole logits fit the chunk budget: left to Inductor")
+    return HeadPlan(pre_key, post_key, needs, mode, plan.num_chunks, plan.chunk_rows, plan.label)
 
 
 def _apply(gm: fx.GraphModule, m: HeadMatch, p: HeadPlan, ctx: PassContext, rec: Region) -> None:

@@ -18,13 +18,13 @@ at a time, in forward and again (recomputed) in backward.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import fx
 
 from .. import _compat
 from ..ops import registry
+from ..plan import chunk_plan
 from ..report import Region
 from .common import (
     CantChunk,
@@ -139,11 +139,9 @@ def _rows(x: fx.Node):
     return n
 
 
-def _auto_chunks(x: fx.Node, region: list[fx.Node]) -> int:
-    # NOTE [auto chunk count]: one chunk's expanded activations (the widening projections' outputs) are
-    # about the size of the layer input: M = sum(widened widths) / input width.
-    wide = sum(_width(n) or 0 for n in region if linear_args(n) is not None and linear_args(n)[0] is x)
-    return max(1, math.ceil(wide / max(_width(x) or 1, 1)))
+def _wide(x: fx.Node, region: list[fx.Node]) -> int:
+    """The widened widths the region's first projections make (NOTE [auto chunk count], ``plan.py``)."""
+    return sum(_width(n) or 0 for n in region if linear_args(n) is not None and linear_args(n)[0] is x)
 
 
 def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -167,7 +165,12 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
                 autocast=amp,
             )  # fmt: skip
             row_bytes = sum((_width(n) or 0) * ev.element_size() for n in region if n is not exit_node)
-            num_chunks, chunk_rows, label = ctx.config.chunking(_auto_chunks(x, region), _rows(x), row_bytes)
+            xv = tval(x)
+            plan = chunk_plan(ctx.config, rows=_rows(x), input_size=_width(x) or 1, wide_size=_wide(x, region),
+                              row_bytes=row_bytes, device_type=xv.device.type, device_index=xv.device.index)  # fmt: skip
+            if plan.whole:
+                raise CantChunk("the whole intermediate fits the chunk budget: left to Inductor")
+            num_chunks, chunk_rows, label = plan.num_chunks, plan.chunk_rows, plan.label
             _check_body(ctx, key, x, params, ev)
         except Exception as e:  # noqa: BLE001 - CantChunk, or a bug: either way this region stays as it was
             skip(rec, e)

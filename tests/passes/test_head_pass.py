@@ -7,6 +7,7 @@ import mst_compile
 import torch.nn.functional as F
 
 from tests.conftest import assert_close_rel, calls, regions, rewrite
+from mst_compile.plan import chunk_plan
 from tests.modules import LMHead
 
 
@@ -78,7 +79,8 @@ def test_minimum_chunk_policy():
     assert cfg.min_rows(151936 * 4) == 256  # Qwen-sized: never below 256
     assert cfg.min_rows(50000 * 4) == 335  # in between: the largest chunk under 64 MiB
     assert mst_compile.MSTConfig(min_chunk_tokens=64).min_rows(151936 * 4) == 64
-    assert cfg.chunking(300, 4096, row_bytes=151936 * 4)[2] == "16"
+    plan = chunk_plan(cfg, rows=4096, input_size=1, wide_size=300, row_bytes=151936 * 4)
+    assert plan.label == "16" and plan.rows_in_first_chunk(4096) == 256
 
 
 def test_head_is_not_taken_for_an_mlp():

@@ -1,0 +1,95 @@
+"""The chunk plan: how many mini-sequences a chunked region runs. One function, :func:`chunk_plan`, serves the
+MLP pass, the head pass, the benchmark's memory estimate and the report.
+
+A region is described by what one token costs: ``input_size`` (the region's input row), ``wide_size`` (the
+widened rows its first projections make, in the same unit: the MLP's gate and up, the head's fp32 logits) and
+``row_bytes`` (the bytes of one token's intermediates that chunking bounds).
+
+- Fixed settings (``num_chunks``, ``chunk_tokens``, ``chunk_memory_mib``) are taken as they are.
+- Automatic, CPU (and any device but CUDA): NOTE [auto chunk count] and NOTE [minimum chunk] below, the policy
+  the CPU measurements were made with.
+- Automatic, CUDA: NOTE [CUDA chunk plan].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .ops.chunking import chunk_bounds, num_chunks_for
+
+# NOTE [auto chunk count]: one chunk's widened tensors about the size of the region's input:
+# M = wide_size / input_size (the MLP: sum of widened widths / H; the head: fp32 logits / hidden states).
+#
+# NOTE [minimum chunk]: the automatic count is bounded below by a chunk size, because every chunk of the head
+# also adds its share into the whole weight gradient (V x H, read and written once per chunk): that traffic is
+# fixed per chunk while the chunk's GEMM work shrinks with its tokens. 512 tokens keeps it invisible at any
+# vocabulary. But the memory a 512-token chunk costs grows with the vocabulary (297 MiB of fp32 logits at
+# V = 151936), so when a 512-token chunk's intermediate is over 64 MiB the minimum drops toward 64 MiB per
+# chunk, never below 256 tokens (measured: docs/bench/qwen-vocab; smaller chunks stay available through
+# ``min_chunk_tokens`` or ``chunk_memory_mib``).
+MIN_ROWS, LOWEST_MIN_ROWS, MIN_ROWS_MIB = 512, 256, 64
+
+# NOTE [CUDA chunk plan]: on a GPU the per-chunk weight-gradient update (V x H, or I x H, read and written per
+# chunk) is memory-bound below ~1200 tokens on an H100, and GEMMs run best on row counts that are multiples of
+# 128. So chunks are as large as a budget allows (a fraction of the device's memory per chunk's intermediate),
+# never under 1024 rows, rounded down to a multiple of 128; a region whose whole intermediate fits the budget
+# is not chunked at all (``ChunkPlan.whole``: the pass leaves it to Inductor, exactly as torch.compile would).
+# Not measured on a GPU yet (no device lent so far): the constants are the estimate, the benchmark's
+# ``gpu-check`` measures them.
+CUDA_BUDGET_FRACTION, CUDA_MIN_ROWS, CUDA_ROW_MULTIPLE = 1 / 64, 1024, 128
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """What the chunked op is given (``num_chunks``, ``chunk_rows``: see ``ops.chunking.num_chunks_for``), how
+    the report names it, and whether the region is better left whole."""
+
+    num_chunks: int
+    chunk_rows: int
+    label: str
+    whole: bool = False
+
+    def rows_in_first_chunk(self, tokens: int) -> int:
+        start, stop = chunk_bounds(tokens, self.num_chunks, self.chunk_rows)[0]
+        return stop - start
+
+
+def min_rows(cfg, row_bytes: int) -> int:
+    """The automatic CPU policy's smallest chunk in tokens: ``min_chunk_tokens`` when set, else NOTE [minimum
+    chunk]."""
+    if cfg.min_chunk_tokens is not None:
+        return cfg.min_chunk_tokens
+    fit = MIN_ROWS_MIB * 2**20 // max(row_bytes, 1)
+    return max(LOWEST_MIN_ROWS, min(MIN_ROWS, fit))
+
+
+def _cuda_memory(device_index: int | None) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device_index or 0).total_memory
+
+
+def chunk_plan(cfg, *, rows: int | None, input_size: int, wide_size: int, row_bytes: int, device_type: str = "cpu",
+               device_memory: int | None = None, device_index: int | None = None) -> ChunkPlan:  # fmt: skip
+    """The plan for a region of ``rows`` tokens (``None`` when dynamic) under config ``cfg``."""
+    row_bytes = max(int(row_bytes), 1)
+    if cfg.num_chunks:
+        m, r, rule = cfg.num_chunks, 0, str(cfg.num_chunks)
+    elif cfg.chunk_tokens:
+        m, r, rule = 0, cfg.chunk_tokens, f"one per {cfg.chunk_tokens} tokens"
+    elif cfg.chunk_memory_mib:
+        r = max(1, int(cfg.chunk_memory_mib * 2**20 // row_bytes))
+        m, rule = 0, f"one per {r} tokens (<= {cfg.chunk_memory_mib:g} MiB each)"
+    elif device_type == "cuda":  # NOTE [CUDA chunk plan]
+        budget = (device_memory if device_memory is not None else _cuda_memory(device_index)) * CUDA_BUDGET_FRACTION
+        fit = int(budget // row_bytes) // CUDA_ROW_MULTIPLE * CUDA_ROW_MULTIPLE
+        r = cfg.min_chunk_tokens or max(CUDA_MIN_ROWS, fit)
+        m, rule = 0, f"one per {r} tokens (<= {budget / 2**20:.0f} MiB each)"
+        if isinstance(rows, int) and rows * row_bytes <= budget and cfg.min_chunk_tokens is None:
+            return ChunkPlan(0, r, "1", whole=True)
+    else:
+        auto = max(1, math.ceil(wide_size / max(input_size, 1)))
+        r = min_rows(cfg, row_bytes)
+        m, rule = auto, f"{auto}, >= {r} tokens each"
+    return ChunkPlan(m, r, str(num_chunks_for(rows, m, r)) if isinstance(rows, int) else rule)
