@@ -98,7 +98,8 @@ def train(a) -> dict:
         log["tokens_per_s"].append(a.context / dt)
         log["peak_mib"].append(meter.peak_mib)
         if tqdm:
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{a.context / dt:.0f}", peak=f"{log['peak_mib'][-1]:.0f}M")
+            peak = f"{log['peak_mib'][-1]:.0f}M"
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{a.context / dt:.0f}", peak=peak)
     return log
 
 

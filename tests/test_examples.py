@@ -32,9 +32,9 @@ def test_long_context_example_measures_cpu_peaks_as_the_user_runs_it(tmp_path):
     """Run without ``MALLOC_MMAP_THRESHOLD_`` (as a user would): the example must still measure the step's peak
     (measured here: 28 MiB with the variable; without it, before the example set it itself, 0)."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_long_context.py"), "--backend", "eager",
-                          "--context", "2048", "--steps", "5", "--hidden", "64", "--device", "cpu", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    args = ["--backend", "eager", "--context", "2048", "--steps", "5", "--hidden", "64", "--device", "cpu"]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_long_context.py"), *args, "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     peaks = sorted(json.load(open(tmp_path / "eager-2048.json"))["peak_mib"][2:])
     assert peaks[len(peaks) // 2] > 10, peaks

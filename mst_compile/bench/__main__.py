@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="llama-small", help=f"one of {', '.join(CONFIGS)} (bench/models.py), or "
                    f"zoo:ARCH with ARCH one of {', '.join(ZOO)}, nanogpt")  # fmt: skip
     p.add_argument("--tokens", default="2048", help="comma-separated token counts (batch 1)")
-    p.add_argument("--arms", default="all", help=f"comma-separated, from: {', '.join(ARMS + EXTRA_ARMS)}; all: every one")
+    p.add_argument("--arms", default="all",
+                   help=f"comma-separated, from: {', '.join(ARMS + EXTRA_ARMS)}; all: every one")  # fmt: skip
     p.add_argument("--forms", default=",".join(FORMS), help="comma-separated: step (a compiled function returning the "
                    "loss), model (the compiled model, logits returned too; every arm but " + ", ".join(STEP_ONLY) + ")")
     p.add_argument("--steps", type=int, default=3, help="measured steps per arm (the table shows medians)")
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
 
         rows: list[dict] = []
         try:
-            longest_under_cap(arms, forms, a, measure, rows=rows, on_row=lambda: output.save_cap(rows, a.out, a.cap_mib))
+            save = lambda: output.save_cap(rows, a.out, a.cap_mib)  # noqa: E731 - after each arm's search
+            longest_under_cap(arms, forms, a, measure, rows=rows, on_row=save)
         except KeyboardInterrupt:
             print(f"[cap] interrupted: {len(rows)} arms finished, kept in {a.out}/", file=sys.stderr)
             output.write_cap(rows, a.out, a.cap_mib)

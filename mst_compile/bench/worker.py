@@ -99,7 +99,8 @@ def build_step(arm: str, form: str, model_name: str, tokens: int, options: str =
 def main(argv=None) -> None:
     p = parser("python -m mst_compile.bench.worker", __doc__)
     p.add_argument("--arm", choices=ARMS + EXTRA_ARMS, required=True, help="what compiles the step")
-    p.add_argument("--form", choices=FORMS, default="step", help="step: a function returning the loss; model: the model")
+    p.add_argument("--form", choices=FORMS, default="step", help="step: a function returning the loss; model: the model "
+                   "(logits returned too)")
     p.add_argument("--model", default="llama-small", help="a model of bench/models.py, or zoo:ARCH")
     p.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch 1)")
     p.add_argument("--steps", type=int, default=3, help="measured steps after the warm-up steps")
