@@ -194,3 +194,22 @@ def test_plot_one_style_per_arm_legend_outside_readable_ticks(monkeypatch, tmp_p
         boxes = [t.get_window_extent(renderer) for t in labels if lo <= t.get_position()[0] <= hi]
         assert len(boxes) >= 2
         assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :]), "x tick labels collide"
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_parity_rows_on_the_cpu():
+    """The GPU check's own code runs (``--device cpu --small``): its table and its verdict."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mst_compile.bench.gpu_check", "--device", "cpu", "--small",
+                          "--skip-regions"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "parity nanogpt bf16-params" in out.stdout and "all parity checks pass" in out.stdout
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_gpu_check_on_cuda():
+    from mst_compile.bench import gpu_check
+
+    assert gpu_check.main(["--device", "cuda", "--small"]) == 0

@@ -1,0 +1,198 @@
+"""``python -m mst_compile.bench.gpu_check``: the few-minute check to run whenever a GPU is available.
+
+Prints one table:
+1. parity in bf16 (bf16 parameters, and fp32 parameters under autocast) of a tiny HF Llama and of a nanoGPT-style
+   model: the loss's dtype (equal to eager's), the loss and every gradient against an fp64 run of the same
+   weights, mst no further from it than eager (relative error, max |a-b| / max |b|; 1.25x eager's + a floor);
+2. the same with CUDA graphs (``options={"inductor": {"triton.cudagraphs": True}}``);
+3. one Llama-8B-shaped MLP layer (H=4096, I=14336, SwiGLU) and head + cross-entropy (V=128256) in bf16 at 1K and
+   8K tokens: forward + backward time by CUDA events, median of a few steps, mst vs the same region under
+   ``torch.compile``, mst with and without the fp32-output weight-gradient GEMMs (NOTE [weight-gradient
+   accumulation]); ``max_memory_allocated`` / ``max_memory_reserved`` of the step above its start.
+
+``--device cpu --small`` runs the same code on tiny shapes (the suite's smoke test); the numbers mean nothing
+there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _parity_models(device, small):
+    from .models import build_llama
+    from .nanogpt import NanoGPT
+
+    llama = lambda: build_llama("llama-tiny", max_position_embeddings=4096).to(device)  # noqa: E731
+    nano = lambda: NanoGPT(vocab=4096 if not small else 320, dim=64, layers=2).to(device)  # noqa: E731
+    return {"llama-tiny": (llama, lambda m, ids: m(input_ids=ids, labels=ids).loss),
+            "nanogpt": (nano, lambda m, ids: m(ids, ids.roll(-1, 1))[0])}  # next-token targets  # fmt: skip
+
+
+def _step(model, loss_fn, ids, amp):
+    with torch.autocast(ids.device.type, torch.bfloat16, enabled=amp):
+        loss = loss_fn(model, ids)
+    loss.backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def parity_rows(device: str, small: bool) -> list[dict]:
+    """mst and eager, each against an fp64 run of the same weights: mst no further from it than eager."""
+    import copy
+
+    rows = []
+    tokens = 64 if small else 1024
+    for name, (build, loss_fn) in _parity_models(device, small).items():
+        for precision in ("bf16-params", "autocast"):
+            for cudagraphs in ((False, True) if device == "cuda" else (False,)):
+                torch._dynamo.reset()
+                model = build()
+                fp64 = copy.deepcopy(model).double()
+                if precision == "bf16-params":
+                    model = model.to(torch.bfloat16)
+                    fp64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+                vocab = model.lm_head.weight.shape[0]
+                ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+                amp = precision == "autocast"
+                ref_loss, ref = _step(fp64, loss_fn, ids, False)
+                eager_loss, eager = _step(model, loss_fn, ids, amp)
+                opts = {"inductor": {"triton.cudagraphs": True}} if cudagraphs else {}
+                cm = torch.compile(model, backend="mst", options=opts)
+                _step(cm, loss_fn, ids, amp)  # warm-up (cudagraphs records on a later call)
+                loss, got = _step(cm, loss_fn, ids, amp)
+                err = {n: (_rel(got[n], ref[n]), _rel(eager[n], ref[n])) for n in ref}
+                worst = max(err, key=lambda n: err[n][0] / max(err[n][1], 1e-3))
+                loss_err = (_rel(loss, ref_loss), _rel(eager_loss, ref_loss))
+                rows.append({"check": f"parity {name} {precision}" + (" cudagraphs" if cudagraphs else ""),
+                             "loss dtype (mst/eager)": f"{loss.dtype}/{eager_loss.dtype}".replace("torch.", ""),
+                             "loss err vs fp64 (mst/eager)": f"{loss_err[0]:.1e}/{loss_err[1]:.1e}",
+                             "worst grad err vs fp64 (mst/eager)": f"{err[worst][0]:.1e}/{err[worst][1]:.1e} ({worst})",
+                             "ok": loss.dtype == eager_loss.dtype and loss_err[0] <= 1.25 * loss_err[1] + 1e-3
+                             and all(a <= 1.25 * e + 1e-2 for a, e in err.values())})  # fmt: skip
+    return rows
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self, h, i):
+        super().__init__()
+        self.gate, self.up, self.down = (torch.nn.Linear(h, i, bias=False), torch.nn.Linear(h, i, bias=False),
+                                         torch.nn.Linear(i, h, bias=False))  # fmt: skip
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, h, v):
+        super().__init__()
+        self.proj = torch.nn.Linear(h, v, bias=False)
+
+    def forward(self, x, y):
+        return F.cross_entropy(self.proj(x).float().view(-1, self.proj.out_features), y.view(-1))
+
+
+def _timed(fn, device, steps):
+    times = []
+    for _ in range(steps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def region_rows(device: str, small: bool, steps: int = 5) -> list[dict]:
+    from ..ops import accumulate
+
+    h, i, v = (64, 224, 1000) if small else (4096, 14336, 128256)
+    rows = []
+    for tokens in ((256, 512) if small else (1024, 8192)):
+        g = torch.Generator(device).manual_seed(0)
+        x = torch.randn(1, tokens, h, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+        y = torch.randint(0, v, (1, tokens), device=device, generator=g)
+        for region, module, call in (("mlp", _MLP(h, i), lambda m: m(x).float().square().mean()),
+                                     ("head", _Head(h, v), lambda m: m(x, y))):  # fmt: skip
+            module = module.to(device, torch.bfloat16)
+            arms = {"torch.compile": ("inductor", True), "mst": ("mst", True), "mst, no fp32-out GEMM": ("mst", False)}
+            res = {}
+            for arm, (backend, fp32_out) in arms.items():
+                accumulate.FP32_OUTPUT_GEMM = fp32_out
+                torch._dynamo.reset()
+                cm = torch.compile(module, backend=backend)
+
+                def step():
+                    call(cm).backward()
+                    module.zero_grad(set_to_none=True)
+                    x.grad = None
+
+                step()  # compile
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                ms = _timed(step, device, steps)
+                mem = ((torch.cuda.max_memory_allocated() - base) / 2**20, torch.cuda.max_memory_reserved() / 2**20) \
+                    if device == "cuda" else (float("nan"), float("nan"))  # fmt: skip
+                res[arm] = (ms, *mem)
+            accumulate.FP32_OUTPUT_GEMM = True
+            base_ms = res["torch.compile"][0]
+            for arm, (ms, alloc, reserved) in res.items():
+                rows.append({"check": f"{region} {tokens} tokens: {arm}", "fwd+bwd ms": f"{ms:.2f}",
+                             "vs torch.compile": f"{ms / base_ms:.2f}x", "max alloc MiB": f"{alloc:.0f}",
+                             "max reserved MiB": f"{reserved:.0f}", "ok": True})  # fmt: skip
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(cols)]
+    line = lambda vals: " | ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mst_compile.bench.gpu_check", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="device to check on (default: cuda when available, else cpu)")  # fmt: skip
+    ap.add_argument("--small", action="store_true", help="tiny shapes: a smoke test of the check itself")
+    ap.add_argument("--skip-regions", action="store_true", help="parity rows only")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu-check: no CUDA device here (use --device cpu --small for a smoke test)", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"mst gpu-check on {name}, torch {torch.__version__}", flush=True)
+    rows = parity_rows(args.device, args.small)
+    print(table(rows), flush=True)
+    if not args.skip_regions:
+        regions = region_rows(args.device, args.small)
+        print(table(regions), flush=True)
+        rows += regions
+    bad = [r["check"] for r in rows if not r["ok"]]
+    print("all parity checks pass" if not bad else f"FAILED: {bad}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
