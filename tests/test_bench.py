@@ -213,3 +213,16 @@ def test_gpu_check_on_cuda():
     from mst_compile.bench import gpu_check
 
     assert gpu_check.main(["--device", "cuda", "--small"]) == 0
+
+
+def test_chunk_cost_counts_what_each_chunk_of_the_ops_launches():
+    """Device-independent chunk cost (``bench.chunk_cost``), counted exactly from the ops' aten calls. The
+    numbers are today's code; a change to the chunk bodies shows here first."""
+    from mst_compile.bench.chunk_cost import mst_costs
+
+    c = mst_costs(rows=32, h=16, i=48, v=100, chunks=3)
+    fwd, bwd, head = c["mlp forward"], c["mlp backward"], c["head forward+backward"]
+    assert (fwd.launches, bwd.launches, head.launches, head.big_passes) == (6, 17, 25, 12), (
+        fwd.ops, bwd.ops, head.ops)  # fmt: skip
+    # bytes: at least every chunk's input rows and weights read once
+    assert fwd.bytes >= (32 * 16 + 2 * 48 * 16 + 48 * 16) * 4

@@ -1,0 +1,155 @@
+"""``python -m mst_compile.bench.chunk_cost``: what one chunk costs in device-independent terms.
+
+For the chunked MLP (SwiGLU) and the head + cross-entropy, per chunk: the ops launched (every aten op that
+computes, views and allocations left out) and the bytes they read and write (each tensor argument read, each
+result written; an in-place op reads and writes its tensor), and for the head the full passes over the chunk's
+``[rows, vocab]`` logits (the ops that touch a tensor of that size). mst's ops are counted exactly by running
+their kernels under a dispatch mode that sees every aten call; the same region under ``torch.compile`` is
+counted from what Inductor generated for one chunk's rows (its kernel count plus the GEMMs it calls; its own
+bytes-accessed figure, which it keeps for GPU code only), so the columns compare code, not timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_NOT_LAUNCHES = ("view", "_unsafe_view", "reshape", "t", "transpose", "slice", "select", "unsqueeze", "squeeze",
+                 "expand", "as_strided", "detach", "alias", "permute", "_reshape_alias", "split", "unbind",
+                 "empty", "empty_like", "new_empty", "empty_strided", "lift_fresh", "_to_copy_view")  # fmt: skip
+
+
+@dataclass
+class Cost:
+    launches: int = 0
+    bytes: int = 0
+    ops: list = field(default_factory=list)
+    big_passes: int = 0  # touches of a tensor with ``big_numel`` elements
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self, big_numel: int = -1):
+        super().__init__()
+        self.cost, self.big = Cost(), big_numel
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func._schema.name.split("::")[-1]
+        if name in _NOT_LAUNCHES or name.startswith("empty"):
+            return out
+        ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        fresh = [o for o in outs if all(o.untyped_storage().data_ptr() != i.untyped_storage().data_ptr() for i in ins)]
+        if not fresh and not name.endswith("_") and func._schema.is_mutable is False:
+            return out  # a view of an input: no kernel
+        touched = ins + fresh
+        self.cost.launches += 1
+        self.cost.ops.append(name)
+        self.cost.bytes += sum(t.numel() * t.element_size() for t in touched)
+        self.cost.big_passes += sum(t.numel() == self.big for t in touched)
+        return out
+
+
+def _kernel(op):
+    return op._init_fn  # the Python kernel of a torch.library.custom_op, below its dispatch
+
+
+def mst_costs(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float32) -> dict[str, Cost]:
+    """Per-chunk cost of mst's ops over ``rows * chunks`` tokens (SwiGLU MLP; head + cross-entropy)."""
+    from ..ops import linear_ce, registry, rowwise
+
+    n = rows * chunks
+    g = torch.Generator().manual_seed(0)
+    x, grad = (torch.randn(n, h, generator=g).to(dtype) for _ in range(2))
+    wg, wu, wd = (torch.randn(i, h, generator=g).to(dtype), torch.randn(i, h, generator=g).to(dtype),
+                  torch.randn(h, i, generator=g).to(dtype))  # fmt: skip
+    key = registry.register_fn("cost", "swiglu", lambda x, wg, wu, wd: F.silu(F.linear(x, wg)) * F.linear(x, wu),
+                               h, None, exit_w=2)  # fmt: skip
+    w = torch.randn(v, h, generator=g).to(dtype)
+    y = torch.randint(0, v, (n,), generator=g)
+    cast = registry.register_cast(torch.float32)
+    res = {}
+    runs = {
+        "mlp forward": (lambda: _kernel(rowwise.rowwise)(x, [wg, wu, wd], key, chunks, 0), -1),
+        "mlp backward": (lambda: _kernel(rowwise.rowwise_backward)(grad, x, [wg, wu, wd], key, chunks, 0, [True] * 4), -1),
+        "head forward+backward": (lambda: _kernel(linear_ce.linear_ce)(x, w, None, y, cast, cast, -100, 0.0, chunks, 0,
+                                                                      [True, True, False], False, True), rows * v),
+    }  # fmt: skip
+    for name, (fn, big) in runs.items():
+        with _Count(big) as c:
+            fn()
+        cost = c.cost
+        res[name] = Cost(round(cost.launches / chunks), cost.bytes // chunks, cost.ops, round(cost.big_passes / chunks))
+    return res
+
+
+def compile_costs(rows: int, h: int, i: int, v: int, dtype=torch.float32) -> dict[str, Cost]:
+    """The same regions at one chunk's rows under ``torch.compile``: Inductor's kernels plus its GEMM calls."""
+    from torch._inductor import metrics
+
+    g = torch.Generator().manual_seed(0)
+    gate, up, down = (torch.nn.Linear(h, i, bias=False), torch.nn.Linear(h, i, bias=False),
+                      torch.nn.Linear(i, h, bias=False))  # fmt: skip
+    head = torch.nn.Linear(h, v, bias=False)
+    for m in (gate, up, down, head):
+        m.to(dtype)
+    regions = {
+        "mlp": (lambda x: down(F.silu(gate(x)) * up(x)), lambda out: out.backward(torch.ones_like(out))),
+        "head": (lambda x: F.cross_entropy(head(x).float(), torch.randint(0, v, (rows,), generator=g)),
+                 lambda out: out.backward()),
+    }
+    res = {}
+    for name, (fwd, bwd) in regions.items():
+        torch._dynamo.reset()
+        metrics.reset()
+        x = torch.randn(rows, h, generator=g).to(dtype).requires_grad_()
+        fn = torch.compile(fwd, backend="inductor")
+        with torch._inductor.config.patch(force_disable_caches=True):
+            out = fn(x)
+            bwd(out)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            bwd(fn(x))
+        gemms = [e for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::bmm")]
+        # Inductor counts the bytes its kernels access only for GPU code (0 on the CPU): reported where known
+        res[name] = Cost(metrics.generated_kernel_count + len(gemms), metrics.num_bytes_accessed,
+                         [f"{metrics.generated_kernel_count} generated kernels", f"{len(gemms)} GEMMs"])  # fmt: skip
+    return res
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2**20:.1f}" if b else "n/a (CPU)"
+
+
+def table(rows: int, h: int, i: int, v: int, chunks: int) -> str:
+    mst, comp = mst_costs(rows, h, i, v, chunks), compile_costs(rows, h, i, v)
+    lines = [f"per chunk of {rows} tokens (H={h}, I={i}, V={v}, fp32); torch.compile: the region at {rows} tokens, "
+             "forward + backward together", "region | mst launches | mst MiB r+w | passes over [chunk, vocab] | "
+             "torch.compile launches | torch.compile MiB (Inductor's count)"]  # fmt: skip
+    mlp_mst = (mst["mlp forward"].launches, mst["mlp backward"].launches)
+    lines.append(f"mlp (fwd, bwd) | {mlp_mst[0]}, {mlp_mst[1]} | {mst['mlp forward'].bytes / 2**20:.1f}, "
+                 f"{mst['mlp backward'].bytes / 2**20:.1f} | - | {comp['mlp'].launches} | {_mib(comp['mlp'].bytes)}")
+    hd = mst["head forward+backward"]
+    lines.append(f"head + CE (fwd+bwd) | {hd.launches} | {hd.bytes / 2**20:.1f} | {hd.big_passes} | "
+                 f"{comp['head'].launches} | {_mib(comp['head'].bytes)}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mst_compile.bench.chunk_cost", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=512, help="tokens per chunk (default: 512)")
+    ap.add_argument("--chunks", type=int, default=4, help="chunks in the measured call (default: 4)")
+    ap.add_argument("--hidden", type=int, default=512, help="H (default: 512, the benchmark's model)")
+    ap.add_argument("--intermediate", type=int, default=2048, help="I (default: 2048)")
+    ap.add_argument("--vocab", type=int, default=32000, help="V (default: 32000)")
+    a = ap.parse_args(argv)
+    print(table(a.rows, a.hidden, a.intermediate, a.vocab, a.chunks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
