@@ -69,11 +69,23 @@ def _jobs(a, arms, forms, tokens_list):
     return jobs
 
 
+#: ``python -m mst_compile.bench TOOL ...``: the benchmark's companion checks, each its own module
+TOOLS = {"gpu-check": "gpu_check", "chunk-cost": "chunk_cost"}
+
+
 def main(argv=None) -> int:
+    import importlib
+
     from .models import CONFIGS
     from .zoo import ARCHS as ZOO
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:
+        return importlib.import_module(f".{TOOLS[argv[0]]}", __package__).main(argv[1:])
+
     p = parser("python -m mst_compile.bench", __doc__)
+    p.epilog = ("other tools: python -m mst_compile.bench gpu-check (the few-minute GPU check) | chunk-cost (ops and "
+                "bytes per chunk); each takes --help")  # fmt: skip
     p.add_argument("--model", default="llama-small", help=f"one of {', '.join(CONFIGS)} (bench/models.py), or "
                    f"zoo:ARCH with ARCH one of {', '.join(ZOO)}, nanogpt")  # fmt: skip
     p.add_argument("--tokens", default="2048", help="comma-separated token counts (batch 1)")

@@ -1,4 +1,4 @@
-"""``python -m mst_compile.bench.chunk_cost``: what one chunk costs in device-independent terms.
+"""``python -m mst_compile.bench chunk-cost``: what one chunk costs in device-independent terms.
 
 For the chunked MLP (SwiGLU) and the head + cross-entropy, per chunk: the ops launched (every aten op that
 computes, views and allocations left out) and the bytes they read and write (each tensor argument read, each
@@ -140,7 +140,7 @@ def table(rows: int, h: int, i: int, v: int, chunks: int) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mst_compile.bench.chunk_cost", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m mst_compile.bench chunk-cost", description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=512, help="tokens per chunk (default: 512)")
     ap.add_argument("--chunks", type=int, default=4, help="chunks in the measured call (default: 4)")
     ap.add_argument("--hidden", type=int, default=512, help="H (default: 512, the benchmark's model)")

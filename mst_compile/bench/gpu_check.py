@@ -1,4 +1,4 @@
-"""``python -m mst_compile.bench.gpu_check``: the few-minute check to run whenever a GPU is available.
+"""``python -m mst_compile.bench gpu-check``: the few-minute check to run whenever a GPU is available.
 
 Prints one table:
 1. parity in bf16 (bf16 parameters, and fp32 parameters under autocast) of a tiny HF Llama and of a nanoGPT-style
@@ -172,7 +172,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mst_compile.bench.gpu_check", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m mst_compile.bench gpu-check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="device to check on (default: cuda when available, else cpu)")  # fmt: skip
     ap.add_argument("--small", action="store_true", help="tiny shapes: a smoke test of the check itself")
