@@ -72,8 +72,9 @@ class GradAccumulator:
         """``+= g`` (a bias's row sum, an autograd gradient)."""
         if g is None:
             return
-        if self.acc is None:
-            self.acc = g.to(self.acc_dtype) if g.dtype != self.acc_dtype else g.clone() if g._base is not None else g
+        if self.acc is None:  # contiguous, as the ops' fake kernels promise (autograd may give a transposed grad)
+            acc = g.to(self.acc_dtype).contiguous()
+            self.acc = acc.clone() if acc._base is not None else acc  # never written through into a view's base
         else:
             self.acc.add_(g)
 

@@ -52,6 +52,10 @@ def test_gradients_and_row_sums():
     acc.add(base[1])
     torch.testing.assert_close(acc.result(), base[0] + base[1])
     assert GradAccumulator(torch.empty(3, dtype=torch.float16), 4).result().abs().sum() == 0
+    t = torch.randn(16, 8).t()  # a transposed gradient (a transposed weight's): the result is contiguous
+    one = GradAccumulator(torch.empty(8, 16), num_chunks=1)
+    one.add(t)
+    assert one.result().is_contiguous() and torch.equal(one.result(), t)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
