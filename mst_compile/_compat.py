@@ -53,6 +53,17 @@ class autograd_inside_op:
         return False
 
 
+def compile_id() -> tuple[int, int] | None:
+    """``(frame_id, frame_compile_id)`` of the Dynamo compile in progress (``None`` outside one): the second
+    number counts recompiles of the same frame."""
+    from torch._guards import CompileContext
+
+    cid = CompileContext.current_compile_id()
+    if cid is None or getattr(cid, "frame_id", None) is None:
+        return None
+    return int(cid.frame_id), int(cid.frame_compile_id or 0)
+
+
 def restart_exceptions() -> tuple[type, ...]:
     """Exceptions Dynamo uses for control flow (restart the analysis): a backend must let them through."""
     from torch._dynamo import exc

@@ -71,9 +71,28 @@ def chain_passes(theirs, mine):
     return (*before, mine) if before else mine
 
 
+# NOTE [options fixed per compiled model]: the process default and the ``MST_*`` environment are read when a
+# model's frame is first compiled; a recompile of it (a new shape, a guard that failed) uses the same settings,
+# as the options passed to torch.compile are. Keyed by the frame, the options and the parameters the graph reads
+# (two models of one class share their frames' code).
+_FRAME_CONFIGS: dict[tuple, MSTConfig] = {}
+
+
+def _config(options, example_inputs) -> MSTConfig:
+    cid = _compat.compile_id()
+    if cid is None:
+        return resolve(options)
+    frame, n = cid
+    params = tuple(id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter))
+    key = (frame, repr(options), params)
+    if n == 0 or key not in _FRAME_CONFIGS:  # a first compile (frame ids restart at torch._dynamo.reset())
+        _FRAME_CONFIGS[key] = resolve(options)
+    return _FRAME_CONFIGS[key]
+
+
 def mst_backend(gm: fx.GraphModule, example_inputs, options: dict | MSTConfig | None = None, mode: str | None = None):
     """Dynamo backend: chunk the MLP and head regions of ``gm`` (see ``mst_compile.passes``), compile with Inductor."""
-    cfg = resolve(options)
+    cfg = _config(options, example_inputs)
     if not cfg.enabled:
         return _inductor(gm, example_inputs, cfg, mode)
     report = Report(graph=f"{len(gm.graph.nodes)} nodes")

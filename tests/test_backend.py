@@ -361,3 +361,19 @@ def test_a_user_pass_runs_under_inductor_next_to_mst():
         torch.compile(model, backend="mst")(x).sum().backward()
     assert user.calls >= 2  # the forward and the backward graph
     assert mst_compile.counters["mlp_rewritten"] == 2
+
+
+def test_a_recompile_keeps_the_settings_of_the_first_compile(monkeypatch):
+    """NOTE [options fixed per compiled model]: a changed environment reaches models compiled after it, not a
+    recompile of a model compiled before it."""
+    monkeypatch.setenv("MST_NUM_CHUNKS", "2")
+    model = Block(PlainMLP())
+    cm = torch.compile(model, backend="mst", options={"compiler": "aot_eager"}, dynamic=False)
+    cm(torch.randn(2, 6, 16))
+    monkeypatch.setenv("MST_NUM_CHUNKS", "3")
+    cm(torch.randn(2, 9, 16))  # a new static shape: a recompile of the same frame
+    first, again = mst_compile.reports(model)
+    assert {r.chunks for r in first.rewritten()} == {r.chunks for r in again.rewritten()} == {"2"}
+    other = Block(PlainMLP(i=96))  # another model of the same classes: compiled after the change
+    torch.compile(other, backend="mst", options={"compiler": "aot_eager"}, dynamic=False)(torch.randn(2, 6, 16))
+    assert {r.chunks for r in mst_compile.last_report(other).rewritten()} == {"3"}
