@@ -78,3 +78,41 @@ def test_trainer_inductor_backend_with_mst_inductor_pass(tmp_path):
     # the model returns its logits: the head is left alone in this mode (see NOTE [inductor-pass mode])
     assert got["counters"].get("head_skipped") == 1
     torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor(ref["loss"]), rtol=1e-4, atol=1e-5)
+
+
+def _data_with_extra_column(n=8, seq=24):
+    # a key the model's forward does not take: Trainer's column filter (default arguments) must drop it
+    return [dict(row, row=i) for i, row in enumerate(_data(n, seq))]
+
+
+def _train_default_args(tmp_path, model):
+    targs = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=targs, train_dataset=_data_with_extra_column())
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _in_place(model, backend, **kw):
+    model.compile(backend=backend, **kw)
+    return model
+
+
+def test_trainer_with_in_place_mst_compile_and_default_arguments_matches_inductor(tmp_path):
+    """One line, ``model.compile(backend="mst")``: Trainer keeps the model itself, so its column filter reads the
+    real ``forward`` signature (no ``remove_unused_columns=False``), and the head is chunked with the logits
+    returned (``logits="full"``), which the Inductor-pass mode cannot do."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    ref = _train_default_args(tmp_path / "a", _in_place(zoo.build("llama"), "inductor"))
+    torch._dynamo.reset()
+    counters.clear()
+    mst_compile.reset_counters()
+    got = _train_default_args(tmp_path / "b", _in_place(zoo.build("llama"), "mst", options={"num_chunks": 3}))
+    assert counters["frames"]["ok"] > 0
+    assert mst_compile.counters["mlp_rewritten"] == 2 and mst_compile.counters["head_rewritten"] == 1
+    assert len(got) == len(ref) == 3
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-5)
