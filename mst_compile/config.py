@@ -17,6 +17,7 @@ LOGITS_MODES = ("full", "skip")
 COMPILERS = ("inductor", "aot_eager")
 RECOMPUTE_MODES = ("none", "norms", "attention")
 VERIFY_MODES = (False, True, "warn", "raise")
+COMPILE_BODIES = ("cuda", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class MSTConfig:
     - ``compiler``: what compiles the rewritten graph: ``"inductor"`` (default), or ``"aot_eager"`` (AOTAutograd
       without code generation: fast, for debugging and tests).
     - ``dump_dir``: write each graph's code before and after every pass into this folder.
+    - ``compile_bodies``: run each MLP chunk's row-wise middle as Inductor code (NOTE [compiled bodies]):
+      ``"cuda"`` (default) on CUDA devices, ``"always"``, or ``"never"`` (op by op, as on the CPU by default,
+      where the chunks are compute-bound and a body's C++ compile costs seconds).
     - ``verify``: ``True`` (or ``"warn"``) / ``"raise"``: on the first call of each rewritten graph, also run the
       original graph and compare every output and gradient (NOTE [verify]); a mismatch warns or raises.
     """
@@ -66,6 +70,7 @@ class MSTConfig:
     compiler: str = "inductor"
     dump_dir: str | None = None
     verify: bool | str = False
+    compile_bodies: str = "cuda"
 
     def __post_init__(self):
         _check_int("num_chunks", self.num_chunks)
@@ -88,6 +93,8 @@ class MSTConfig:
             raise ValueError(f"mst: option 'recompute' must be one of {RECOMPUTE_MODES}, got {self.recompute!r}")
         if self.compiler not in COMPILERS:
             raise ValueError(f"mst: option 'compiler' must be one of {COMPILERS}, got {self.compiler!r}")
+        if self.compile_bodies not in COMPILE_BODIES:
+            raise ValueError(f"mst: option 'compile_bodies' must be one of {COMPILE_BODIES}, got {self.compile_bodies!r}")
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"mst: option 'verify' must be one of {VERIFY_MODES}, got {self.verify!r}")
         if not isinstance(self.inductor, dict):
@@ -95,6 +102,10 @@ class MSTConfig:
 
     def replace(self, **changes: Any) -> "MSTConfig":
         return dataclasses.replace(self, **changes)
+
+    def compiles_bodies(self, device_type: str) -> bool:
+        """Whether a chunk body on ``device_type`` runs as Inductor code (``compile_bodies``)."""
+        return self.compile_bodies == "always" or (self.compile_bodies == "cuda" and device_type == "cuda")
 
     def min_rows(self, row_bytes: int) -> int:
         """The automatic policy's smallest chunk in tokens (``plan.min_rows``)."""
@@ -125,6 +136,7 @@ _ENV = {
     "MST_COMPILER": "compiler",
     "MST_DUMP_DIR": "dump_dir",
     "MST_VERIFY": "verify",
+    "MST_COMPILE_BODIES": "compile_bodies",
 }
 _default: MSTConfig | None = None
 

@@ -8,7 +8,8 @@ Prints one table:
 3. one Llama-8B-shaped MLP layer (H=4096, I=14336, SwiGLU) and head + cross-entropy (V=128256) in bf16 at 1K and
    8K tokens: forward + backward time by CUDA events, median of a few steps, mst vs the same region under
    ``torch.compile``, mst with and without the fp32-output weight-gradient GEMMs (NOTE [weight-gradient
-   accumulation]); ``max_memory_allocated`` / ``max_memory_reserved`` of the step above its start.
+   accumulation]) and with its chunk bodies op by op instead of compiled (NOTE [compiled bodies]);
+   ``max_memory_allocated`` / ``max_memory_reserved`` of the step above its start.
 
 ``--device cpu --small`` runs the same code on tiny shapes (the suite's smoke test); the numbers mean nothing
 there.
@@ -133,12 +134,14 @@ def region_rows(device: str, small: bool, steps: int = 5) -> list[dict]:
         for region, module, call in (("mlp", _MLP(h, i), lambda m: m(x).float().square().mean()),
                                      ("head", _Head(h, v), lambda m: m(x, y))):  # fmt: skip
             module = module.to(device, torch.bfloat16)
-            arms = {"torch.compile": ("inductor", True), "mst": ("mst", True), "mst, no fp32-out GEMM": ("mst", False)}
+            arms = {"torch.compile": ("inductor", True, None), "mst": ("mst", True, {}),
+                    "mst, no fp32-out GEMM": ("mst", False, {}),
+                    "mst, bodies op by op": ("mst", True, {"compile_bodies": "never"})}  # fmt: skip
             res = {}
-            for arm, (backend, fp32_out) in arms.items():
+            for arm, (backend, fp32_out, opts) in arms.items():
                 accumulate.FP32_OUTPUT_GEMM = fp32_out
                 torch._dynamo.reset()
-                cm = torch.compile(module, backend=backend)
+                cm = torch.compile(module, backend=backend, **({"options": opts} if opts else {}))
 
                 def step():
                     call(cm).backward()

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from .. import _compat
+
+log = logging.getLogger("mst_compile")
 _BODIES: dict[str, "Body"] = {}
 
 
@@ -52,6 +56,22 @@ class Body:
     # NOTE [autocast]: ``(device_type, dtype)`` when the region ran under autocast in the user's graph. The op is
     # opaque to autocast, so it re-enters the same autocast around the body (forward and recompute).
     autocast: tuple | None = None
+    # NOTE [compiled bodies]: when set, the op runs ``fn`` through ``torch.compile`` (Inductor, the row dimension
+    # dynamic: one compile serves the full chunks and the ragged tail, and every layer with the same body), so
+    # the row-wise middle (activation, gating, biases) is one fused kernel per chunk instead of one kernel per
+    # op; the loop, the GEMM issued for the exit projection and the in-place weight-gradient accumulation stay
+    # the op's (NOTE [opaque chunk loops]). A compile or run failure falls back to ``fn`` with one warning.
+    compiled: bool = False
+
+    def run(self, x, *params):
+        """``fn(x, *params)``, compiled when the body says so (NOTE [compiled bodies])."""
+        if self.compiled and self.code not in _NOT_COMPILABLE and x.shape[0] > 1:
+            try:
+                return _compiled_fn(self, x, params)(x, *params)
+            except Exception as e:  # noqa: BLE001 - a missed fusion, never a failed step
+                _NOT_COMPILABLE.add(self.code)
+                log.warning("mst: a chunk body could not be compiled, running it op by op: %s: %s", type(e).__name__, e)
+        return self.fn(x, *params)
 
     def amp(self):
         """The region's autocast state, set explicitly: entered when the region ran under autocast, and turned
@@ -68,30 +88,57 @@ class Body:
     def inner(self, x, *params):
         """The body up to (not including) the exit projection, under the region's autocast."""
         with self.amp():
-            return self.fn(x, *params)
+            return self.run(x, *params)
 
     def __call__(self, x, *params):
         with self.amp():
-            out = self.fn(x, *params)
+            out = self.run(x, *params)
             if self.exit_w >= 0:
                 b = params[self.exit_b] if self.exit_b >= 0 else None
                 out = torch.nn.functional.linear(out, params[self.exit_w], b)
         return out
 
 
+_COMPILED: dict[tuple, Callable] = {}
+_NOT_COMPILABLE: set[str] = set()
+
+
+def _compiled_fn(body: Body, x, params) -> Callable:
+    """Inductor's ``compile_fx`` on the body's graph (no Dynamo: the op runs inside compiled code, where Dynamo
+    does not trace), the row count a symbol: one compile per grad mode, autocast, dtypes and set of inputs
+    needing a gradient, shared by every chunk size and by the same body in every layer."""
+    args = [x, *params]
+    key = (body.code, torch.is_grad_enabled(), torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(
+        x.device.type) else None, tuple((tuple(a.shape[1:]), a.dtype, a.device.type, a.requires_grad) for a in args))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        compiled = _compat.compile_fx_rows_dynamic(body.fn, args)
+
+        def fn(*a, compiled=compiled):
+            out = compiled(*a)
+            return out[0] if isinstance(out, (list, tuple)) else out  # compile_fx returns the outputs boxed
+
+        _COMPILED[key] = fn
+    return fn
+
+
 def register(
     kind: str, gm: torch.fx.GraphModule, out_features: int, out_dtype: torch.dtype | None, exit_w=-1, exit_b=-1,
-    autocast=None,
+    autocast=None, compiled: bool = False,
 ) -> str:  # fmt: skip
     # the body's nodes were copied from the user's graph with their metadata: its fake values would keep that
     # compile's FakeTensorMode (and every fake tensor of it) alive as long as the registry holds the body
-    for n in gm.graph.nodes:
+    for i, n in enumerate(gm.graph.nodes):
         n.meta = {}
+        if n.op not in ("placeholder", "output"):
+            n.name = f"t{i}"  # canonical names: the same body in every layer has the same code, so one key
+    gm.recompile()
     code = gm.code
-    text = f"{kind}|{out_features}|{out_dtype}|{exit_w}|{exit_b}|{autocast}|{code}"
+    text = f"{kind}|{out_features}|{out_dtype}|{exit_w}|{exit_b}|{autocast}|{compiled}|{code}"
     key = f"{kind}:{VERSION}:{hashlib.sha1(text.encode()).hexdigest()[:16]}"
     if key not in _BODIES:
-        _BODIES[key] = Body(gm, out_features, out_dtype, code, exit_w=exit_w, exit_b=exit_b, autocast=autocast)
+        _BODIES[key] = Body(gm, out_features, out_dtype, code, exit_w=exit_w, exit_b=exit_b, autocast=autocast,
+                            compiled=compiled)  # fmt: skip
     return key
 
 

@@ -18,6 +18,7 @@ at a time, in forward and again (recomputed) in backward.
 
 from __future__ import annotations
 
+import dataclasses
 
 import torch
 from torch import fx
@@ -162,7 +163,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
             region_grad(region, ctx, gm.graph)  # NOTE [grad mode per node]: the op runs in the region's mode
             key = registry.register(
                 "mlp", body, int(ev.shape[-1]), ev.dtype, params.index(w_exit), params.index(b_exit) if b_exit else -1,
-                autocast=amp,
+                autocast=amp, compiled=ctx.config.compiles_bodies(tval(x).device.type),
             )  # fmt: skip
             row_bytes = sum((_width(n) or 0) * ev.element_size() for n in region if n is not exit_node)
             xv = tval(x)
@@ -218,7 +219,7 @@ def _check_body(ctx: PassContext, key: str, x: fx.Node, params: list[fx.Node], e
         with _compat.FakeTensorMode():
             xm = torch.empty((2, xv.shape[-1]), dtype=xv.dtype, device=xv.device)
             pm = [torch.empty(tuple(p.shape), dtype=p.dtype, device=p.device) for p in pv]
-            out = registry.get(key)(xm, *pm)
+            out = dataclasses.replace(registry.get(key), compiled=False)(xm, *pm)  # op by op: no compile here
     except Exception as e:  # noqa: BLE001 - any failure means: leave the region alone
         raise CantChunk(f"the extracted body does not run on a chunk: {type(e).__name__}: {e}") from e
     if out.dim() != 2 or out.shape[-1] != expect.shape[-1] or out.dtype != expect.dtype:

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 import mst_compile  # noqa: F401
 from mst_compile.ops import registry
+from tests.conftest import assert_close_rel
 
 
 def swiglu(x, wg, wu, wd):
@@ -80,3 +81,52 @@ def test_registered_bodies_hold_no_fake_values():
     assert mst_compile.counters["mlp_rewritten"] > 0
     bodies = [b.fn for b in registry._BODIES.values() if isinstance(b.fn, torch.fx.GraphModule)]
     assert bodies and all(not n.meta for gm in bodies for n in gm.graph.nodes)
+
+
+def _swiglu_body(act=F.silu):
+    g = torch.fx.Graph()
+    x, wg, wu, wd = (g.placeholder(n) for n in ("x", "wg", "wu", "wd"))
+    g.output(g.call_function(torch.mul, (g.call_function(act, (g.call_function(F.linear, (x, wg)),)),
+                                         g.call_function(F.linear, (x, wu)))))  # fmt: skip
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+def _rowwise_step(key, rows, chunks):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 16, generator=gen, requires_grad=True)
+    ps = [torch.randn(48, 16, generator=gen).requires_grad_(), torch.randn(48, 16, generator=gen).requires_grad_(),
+          torch.randn(16, 48, generator=gen).requires_grad_()]  # fmt: skip
+    out = torch.ops.mst.rowwise(x, ps, key, chunks, 0)
+    return [out.detach()] + list(torch.autograd.grad(out.square().sum(), [x, *ps]))
+
+
+@pytest.mark.slow
+def test_compiled_bodies_match_op_by_op_and_compile_once(monkeypatch):
+    """NOTE [compiled bodies]: one Inductor compile per grad mode, shared by chunk sizes (the row count is a
+    symbol) and by every region with the same body."""
+    eager = registry.register("mlp", _swiglu_body(), 16, torch.float32, exit_w=2)
+    fused = registry.register("mlp", _swiglu_body(), 16, torch.float32, exit_w=2, compiled=True)
+    again = registry.register("mlp", _swiglu_body(), 16, torch.float32, exit_w=2, compiled=True)
+    assert fused == again and fused != eager
+    monkeypatch.setattr(registry, "_COMPILED", {})
+    for rows, chunks in ((37, 3), (64, 4), (9, 2)):
+        for a, b in zip(_rowwise_step(fused, rows, chunks), _rowwise_step(eager, rows, chunks)):
+            assert_close_rel(a, b, rtol=1e-5)  # Inductor's fused kernel rounds differently in the last bits
+    assert len(registry._COMPILED) == 2  # forward (no grad) and the backward's recompute (grad)
+
+
+def test_a_body_that_does_not_compile_runs_op_by_op(monkeypatch, caplog):
+    from mst_compile import _compat
+
+    def broken(*a):
+        raise RuntimeError("injected compile failure")
+
+    monkeypatch.setattr(_compat, "compile_fx_rows_dynamic", broken)
+    monkeypatch.setattr(registry, "_NOT_COMPILABLE", set())
+    fused = registry.register("mlp", _swiglu_body(F.gelu), 16, torch.float32, exit_w=2, compiled=True)
+    eager = registry.register("mlp", _swiglu_body(F.gelu), 16, torch.float32, exit_w=2)
+    with caplog.at_level("WARNING", logger="mst_compile"):
+        got = _rowwise_step(fused, 20, 2)
+    for a, b in zip(got, _rowwise_step(eager, 20, 2)):
+        torch.testing.assert_close(a, b)  # the same op-by-op code
+    assert "could not be compiled" in caplog.text
