@@ -182,7 +182,8 @@ def test_unknown_option_is_a_clear_value_error():
 @pytest.mark.parametrize(
     "options",
     [{"num_chunks": 0}, {"logits": "none"}, {"num_chunks": 2, "chunk_tokens": 8}, {"chunk_memory_mib": -1},
-     {"chunk_tokens": 8, "chunk_memory_mib": 64}, {"causal_mask": "yes"}, {"recompute": "all"}, {"compile_bodies": "yes"}, {"verify": "maybe"}],
+     {"chunk_tokens": 8, "chunk_memory_mib": 64}, {"causal_mask": "yes"}, {"recompute": "all"},
+     {"compile_bodies": "yes"}, {"verify": "maybe"}],
 )  # fmt: skip
 def test_bad_option_values(options):
     assert isinstance(_first_compile_error(options), ValueError)
