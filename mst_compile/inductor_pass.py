@@ -49,7 +49,10 @@ class MSTPreGradPass(_compat.CustomGraphPass):
     def uuid(self):
         from . import passes
 
-        src = passes.common.source_hash(passes.head_ce, passes.mlp, passes.normalize, passes.common)
+        from .passes import causal_mask, mask_eval, mask_proof
+
+        src = passes.common.source_hash(passes.head_ce, passes.mlp, passes.normalize, passes.common, causal_mask,
+                                        mask_proof, mask_eval)  # fmt: skip
         return src + repr(get_config())
 
 
@@ -59,9 +62,16 @@ _graph_ids = itertools.count(1)
 def _swap_in(gm: torch.fx.GraphModule, new: torch.fx.GraphModule) -> None:
     """Replace the nodes of ``gm.graph`` (the same object) by those of ``new.graph``, and its nested bodies."""
     graph = gm.graph
+    # the placeholders stay: AOTAutograd reads Dynamo's ``_dynamo_source`` attribute off them (a Python attribute
+    # of the node, which a copied node does not carry); the passes add or remove no graph input
+    old_inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    new_inputs = [n for n in new.graph.nodes if n.op == "placeholder"]
+    if len(old_inputs) != len(new_inputs):
+        raise RuntimeError(f"mst: the rewritten graph has {len(new_inputs)} inputs, Inductor's {len(old_inputs)}")
     for n in reversed(list(graph.nodes)):
-        graph.erase_node(n)
-    graph.output(graph.graph_copy(new.graph, {}))
+        if n.op != "placeholder":
+            graph.erase_node(n)
+    graph.output(graph.graph_copy(new.graph, dict(zip(new_inputs, old_inputs))))
     for name, sub in new.named_children():
         if isinstance(sub, torch.fx.GraphModule):
             setattr(gm, name, sub)
