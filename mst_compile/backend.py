@@ -56,7 +56,8 @@ def _inductor(gm, example_inputs, cfg: MSTConfig, mode: str | None, custom_passe
             ours["joint_custom_pre_pass"] = RecomputePass(cfg.recompute)  # NOTE [selective recompute]
             ours["post_grad_custom_pre_pass"] = RematPass()  # NOTE [second recompute]
         for slot, mine in ours.items():
-            patches[slot] = chain_passes(patches[slot] if slot in patches else getattr(_compat.inductor_config(), slot), mine)
+            theirs = patches[slot] if slot in patches else getattr(_compat.inductor_config(), slot)
+            patches[slot] = chain_passes(theirs, mine)
         patches.setdefault("allow_buffer_reuse", False)  # NOTE [buffer reuse]
         patches.setdefault("score_fusion_memory_threshold", _NO_HORIZONTAL_FUSION)  # NOTE [horizontal fusion]
     return _compat.compile_fx(gm, example_inputs, config_patches=patches or None)

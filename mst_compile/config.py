@@ -94,7 +94,9 @@ class MSTConfig:
         if self.compiler not in COMPILERS:
             raise ValueError(f"mst: option 'compiler' must be one of {COMPILERS}, got {self.compiler!r}")
         if self.compile_bodies not in COMPILE_BODIES:
-            raise ValueError(f"mst: option 'compile_bodies' must be one of {COMPILE_BODIES}, got {self.compile_bodies!r}")
+            raise ValueError(
+                f"mst: option 'compile_bodies' must be one of {COMPILE_BODIES}, got {self.compile_bodies!r}"
+            )
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"mst: option 'verify' must be one of {VERIFY_MODES}, got {self.verify!r}")
         if not isinstance(self.inductor, dict):

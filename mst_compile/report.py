@@ -75,7 +75,7 @@ class Report:
     regions: list[Region] = field(default_factory=list)
     fallback: str = ""  # non-empty: the rewritten graph failed to compile and plain Inductor was used
     index: int | None = None  # the graph's number in this process (1 for the first), set by add_report
-    verify: list = field(default_factory=list)  # NOTE [verify]: the first call's checks, when verify is on
+    verify: list = field(default_factory=list)  # the first call's checks, when verify is on (NOTE [verify])
     # weak references to the parameters the graph reads (Dynamo passes them as graph inputs), to tell which
     # model a report belongs to without keeping the model alive
     params: list = field(default_factory=list, repr=False)

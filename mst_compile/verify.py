@@ -38,7 +38,8 @@ class Check:
         return self.error <= self.tolerance
 
     def line(self) -> str:
-        return f"{self.what}: max rel err {self.error:.2e} (tolerance {self.tolerance:.0e}){'' if self.ok else '  MISMATCH'}"
+        flag = "" if self.ok else "  MISMATCH"
+        return f"{self.what}: max rel err {self.error:.2e} (tolerance {self.tolerance:.0e}){flag}"
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -76,7 +76,8 @@ def mst_costs(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float3
     res = {}
     runs = {
         "mlp forward": (lambda: _kernel(rowwise.rowwise)(x, [wg, wu, wd], key, chunks, 0), -1),
-        "mlp backward": (lambda: _kernel(rowwise.rowwise_backward)(grad, x, [wg, wu, wd], key, chunks, 0, [True] * 4), -1),
+        "mlp backward": (lambda: _kernel(rowwise.rowwise_backward)(grad, x, [wg, wu, wd], key, chunks, 0, [True] * 4),
+                         -1),
         "head forward+backward": (lambda: _kernel(linear_ce.linear_ce)(x, w, None, y, cast, cast, -100, 0.0, chunks, 0,
                                                                       [True, True, False], False, True), rows * v),
     }  # fmt: skip

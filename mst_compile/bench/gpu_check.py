@@ -45,7 +45,8 @@ def _step(model, loss_fn, ids, amp):
     with torch.autocast(ids.device.type, torch.bfloat16, enabled=amp):
         loss = loss_fn(model, ids)
     loss.backward()
-    grads = {n.removeprefix("_orig_mod."): p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n.removeprefix("_orig_mod."): p.grad.detach().clone()
+             for n, p in model.named_parameters() if p.grad is not None}  # fmt: skip
     model.zero_grad(set_to_none=True)
     return loss.detach(), grads
 

@@ -64,7 +64,7 @@ def linear_ce(
     dw = GradAccumulator(w, len(bounds)) if need_w else None
     db = GradAccumulator(b, len(bounds)) if need_b else None
     fused = pre.cast_only and post.cast_only
-    # NOTE [autocast]: under autocast the projection runs in the autocast dtype; casting h, w, b once to that
+    # (NOTE [autocast]) under autocast the projection runs in the autocast dtype; casting h, w, b once to that
     # "compute dtype" is what autocast does for linear, and the gradient GEMMs then run in it too.
     cd = pre.autocast[1] if pre.autocast else w.dtype
     wc, bc = w.to(cd), None if b is None else b.to(cd)
@@ -161,7 +161,7 @@ def _tail_cross_entropy(z, y, pre, post, logits_out, ignore_index: int, eps: flo
 def _(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing, num_chunks, chunk_rows, needs, want_logits, mean):
     pre, post = registry.get(pre_key), registry.get(post_key)
     need_h, need_w, need_b = needs
-    # NOTE [guarded head]: what the pass matched must be what the op computes; a mismatch fails here, at
+    # (NOTE [guarded head]) what the pass matched must be what the op computes; a mismatch fails here, at
     # compile time (the backend then falls back), never inside the compiled step.
     torch._check(labels.dtype == torch.int64, lambda: f"mst::linear_ce takes int64 labels, got {labels.dtype}")
     torch._check(labels.dim() == 1 and h.dim() == 2, lambda: "mst::linear_ce takes [rows] labels for [rows, H]")

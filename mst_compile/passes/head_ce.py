@@ -319,7 +319,7 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
                         "outside the graph (use backend='mst')")  # fmt: skip
     if m.exposed is not None:
         mode = "skip" if cfg.logits == "skip" else ("bridge" if any(needs) else "plain")
-    # NOTE [auto chunk count]: one chunk's fp32 logits about the size of the hidden states.
+    # one chunk's fp32 logits about the size of the hidden states (NOTE [auto chunk count])
     rows = math.prod(hv.shape[:-1]) if all(isinstance(d, int) for d in hv.shape[:-1]) else None
     plan = chunk_plan(cfg, rows=rows, input_size=hidden * hv.element_size(), wide_size=vocab * 4, row_bytes=vocab * 4,
                       device_type=hv.device.type, device_index=hv.device.index)  # fmt: skip

@@ -160,7 +160,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
             body = extract_body(gm.graph, [n for n in region if n is not exit_node], [x] + params, linear_args(exit_node)[0])
             ev = tval(exit_node)
             amp = region_autocast(region, autocast_states(gm.graph))
-            region_grad(region, ctx, gm.graph)  # NOTE [grad mode per node]: the op runs in the region's mode
+            region_grad(region, ctx, gm.graph)  # the op runs in the region's mode (NOTE [grad mode per node])
             key = registry.register(
                 "mlp", body, int(ev.shape[-1]), ev.dtype, params.index(w_exit), params.index(b_exit) if b_exit else -1,
                 autocast=amp, compiled=ctx.config.compiles_bodies(tval(x).device.type),
