@@ -137,7 +137,9 @@ def run(a) -> dict:
             cols["completion_mask"] = [[0] * (len(r) // 2) + [1] * (len(r) - len(r) // 2) for r in rows]
         setup = {"nll": {"loss_type": "nll"}, "padding_free": {"padding_free": True}, "packing": {"packing": True},
                  "completion_only": {"completion_only_loss": True}}.get(a.setup, {})  # fmt: skip
-        args = SFTConfig(**common, max_length=None, **setup)
+        # packing fills rows of max_length tokens from the shorter rows (TRL's BFD packing, padding-free batches)
+        max_length = a.tokens * a.batch if a.setup == "packing" else None
+        args = SFTConfig(**common, max_length=max_length, **setup)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(cols),
                              processing_class=_tokenizer(vocab), callbacks=[peaks.callback])  # fmt: skip
     else:
