@@ -17,6 +17,7 @@ none, as eager) and the count of non-ignored labels.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -74,10 +75,14 @@ def linear_ce(
         if fused:
             if want_logits:
                 logits[s:e] = z
-            zf = z.to(ce_dtype)
-            del z
-            loss, gz = fused_cross_entropy(zf, labels[s:e], ignore_index, label_smoothing, grad)
-            del zf
+            if post.compiled and z.dtype in (torch.float16, torch.bfloat16) and e - s > 1:
+                loss, gz = compiled_cross_entropy(z, labels[s:e], ignore_index, label_smoothing, grad)
+            else:
+                zf = z.to(ce_dtype)
+                del z
+                loss, gz = fused_cross_entropy(zf, labels[s:e], ignore_index, label_smoothing, grad)
+                del zf
+            z = None
             gz = None if gz is None else gz.to(cd)
         else:
             loss, gz = _tail_cross_entropy(z, labels[s:e], pre, post, logits[s:e] if want_logits else None,
@@ -141,6 +146,53 @@ def fused_cross_entropy(zf, y, ignore_index: int, eps: float, grad: bool):
     if eps:
         g.sub_(eps / zf.shape[1])
     return loss, g.mul_(valid.unsqueeze(1))
+
+
+def _chunk_cross_entropy(z, y, *, ignore_index: int, eps: float, vocab: int):
+    """``fused_cross_entropy``'s math written functionally (fp32 inside, gradient in ``z``'s dtype), for Inductor
+    to fuse: a max and an exp-sum over each row, one pass writing the gradient."""
+    zf = z.float()
+    valid = y != ignore_index
+    ys = torch.where(valid, y, 0)
+    m = zf.amax(1, keepdim=True)
+    ex = (zf - m).exp()
+    ssum = ex.sum(1, keepdim=True)
+    lse = (m + ssum.log()).squeeze(1)
+    row = lse - zf.gather(1, ys.unsqueeze(1)).squeeze(1)
+    if eps:
+        row = (1 - eps) * row + eps * (lse - zf.mean(1))
+    loss = torch.where(valid, row, 0.0).sum()
+    hot = torch.arange(vocab, device=z.device).unsqueeze(0) == ys.unsqueeze(1)
+    g = ex / ssum - (1 - eps) * hot.to(torch.float32) - eps / vocab
+    return loss, (g * valid.unsqueeze(1).to(torch.float32)).to(z.dtype)
+
+
+_COMPILED_CE: dict = {}
+
+
+def compiled_cross_entropy(z, y, ignore_index: int, eps: float, grad: bool):
+    """A chunk's cross-entropy as Inductor code (NOTE [compiled bodies]): for low-precision logits, where the
+    gradient it writes (in ``z``'s dtype) replaces the fp32 copy the in-place path makes. One compile per
+    dtype, vocabulary, ``ignore_index`` and smoothing, the row count a symbol. Falls back to the in-place path."""
+    import functools
+
+    key = (z.dtype, z.device.type, z.shape[1], y.dtype, ignore_index, float(eps))
+    fn = _COMPILED_CE.get(key)
+    if fn is None:
+        try:
+            f = functools.partial(_chunk_cross_entropy, ignore_index=ignore_index, eps=float(eps), vocab=z.shape[1])
+            gm = torch.fx.symbolic_trace(lambda z, y: f(z, y))
+            with torch.no_grad():
+                compiled = _compat.compile_fx_rows_dynamic(gm, [z, y])
+            fn = _COMPILED_CE[key] = compiled
+        except Exception as e:  # noqa: BLE001 - a missed fusion, never a failed step
+            logging.getLogger("mst_compile").warning("mst: the chunk cross-entropy could not be compiled: %s", e)
+            fn = _COMPILED_CE[key] = None
+    if fn is None:
+        return fused_cross_entropy(z.float(), y, ignore_index, eps, grad)
+    with torch.no_grad():
+        loss, g = fn(z, y)
+    return loss, (g if grad else None)
 
 
 def _tail_cross_entropy(z, y, pre, post, logits_out, ignore_index: int, eps: float, grad: bool):

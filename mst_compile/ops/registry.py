@@ -161,9 +161,11 @@ def register_fn(
     return key
 
 
-def register_cast(dtype: torch.dtype, autocast=None) -> str:
-    """The body ``z -> z.to(dtype)`` (the identity when ``z`` already has that dtype)."""
-    key = f"cast:{VERSION}:{dtype}|{autocast}"
+def register_cast(dtype: torch.dtype, autocast=None, compiled: bool = False) -> str:
+    """The body ``z -> z.to(dtype)`` (the identity when ``z`` already has that dtype). ``compiled`` on the head's
+    loss-side cast: the op may run each chunk's cross-entropy as Inductor code (NOTE [compiled bodies])."""
+    key = f"cast:{VERSION}:{dtype}|{autocast}" + ("|compiled" if compiled else "")
     if key not in _BODIES:
-        _BODIES[key] = Body(lambda z: z.to(dtype), -1, dtype, key, cast_only=True, autocast=autocast)
+        _BODIES[key] = Body(lambda z: z.to(dtype), -1, dtype, key, cast_only=True, autocast=autocast,
+                            compiled=compiled)  # fmt: skip
     return key

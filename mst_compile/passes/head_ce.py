@@ -233,12 +233,13 @@ def _replay_layout(gm: fx.GraphModule, m: HeadMatch, h: fx.Node, hidden: int, vo
     return cur
 
 
-def _body(nodes: list[fx.Node], kind: str, dtype: torch.dtype, amp, out_dtype: torch.dtype | None = None) -> str:
+def _body(nodes: list[fx.Node], kind: str, dtype: torch.dtype, amp, out_dtype: torch.dtype | None = None,
+          compiled: bool = False) -> str:  # fmt: skip
     """Register the elementwise ops among ``nodes`` (layout ops dropped) as a one-input body; ``out_dtype``,
     when given, is the dtype the body's result is converted to last (NOTE [loss dtype])."""
     ops = [n for n in nodes if _layout_kind(n) is None]
     if not ops:
-        return registry.register_cast(out_dtype or dtype, amp)
+        return registry.register_cast(out_dtype or dtype, amp, compiled)
     if len(ops) == 1 and _cast_dtype(ops[0]) is not None and out_dtype in (None, _cast_dtype(ops[0])):
         return registry.register_cast(_cast_dtype(ops[0]), amp)
     g = fx.Graph()
@@ -309,7 +310,8 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
     # cross_entropy is on the fp32 list, so bf16 logits give an fp32 loss. The post body ends in that dtype;
     # the op computes each chunk's cross-entropy in at least fp32 and sums the chunks in fp32.
     ce_dtype = tval(m.ce).dtype
-    post_key = _body(post_nodes, "post", tval(m.exposed).dtype if m.exposed is not None else lv.dtype, amp, ce_dtype)
+    post_key = _body(post_nodes, "post", tval(m.exposed).dtype if m.exposed is not None else lv.dtype, amp, ce_dtype,
+                     ctx.config.compiles_bodies(hv.device.type))  # fmt: skip
     cfg = ctx.config
     grad = region_grad([m.lin] + m.chain + [m.ce], ctx, m.lin.graph)  # NOTE [grad mode per node]
     needs = [bool(grad and v is not None and v.requires_grad) for v in (hv, wv, tval(b))]
