@@ -5,6 +5,8 @@ Documented tolerance: against an fp32 reference, mst's bf16 gradients are at lea
 (relative L2 <= 3e-2). Weight gradients are accumulated across chunks in fp32.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -73,7 +75,9 @@ class _LM(torch.nn.Module):
         self.upcast = upcast
 
     def forward(self, ids, labels, amp=False):
-        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+        # no autocast context at all unless asked: ``autocast(enabled=False)`` inside an autocast block is a mode
+        # of its own (plain Inductor's backward does not follow eager there: see test_autocast_off_inside)
+        with torch.autocast("cpu", torch.bfloat16) if amp else contextlib.nullcontext():
             x = self.emb(ids)
             x = x + self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
             logits = self.head(x)
@@ -125,3 +129,35 @@ def test_loss_dtype_and_error_follow_eager(mode, upcast):
     for n in ref:
         assert got[n].dtype == eager[n].dtype, n
         assert vs_ref[n] <= 1.25 * eager_vs_ref[n] + 1e-5, (n, vs_ref[n], eager_vs_ref[n])
+
+
+def test_autocast_off_inside_an_autocast_block_keeps_the_region_in_fp32():
+    """A region under ``autocast(enabled=False)`` inside an autocast block: mst's ops run it in fp32, as eager
+    does (the ops run inside the caller's autocast and turn it off, ``registry.no_autocast``). Plain Inductor and
+    aot_eager compute that region's backward in bf16 here (torch 2.13), so the reference is eager."""
+
+    class Off(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(16, 64, bias=False)
+
+        def forward(self, x, y):
+            with torch.autocast("cpu", enabled=False):
+                return torch.nn.functional.cross_entropy(self.head(x), y)
+
+    torch.manual_seed(0)
+    model, x, y = Off(), torch.randn(40, 16, requires_grad=True), torch.randint(0, 64, (40,))
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = model(x, y)
+    ref.backward()
+    ref_g, ref_x = model.head.weight.grad.clone(), x.grad.clone()
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    cm = torch.compile(model, backend="mst", options={"num_chunks": 3, "compiler": "aot_eager"})
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = cm(x, y)
+    loss.backward()
+    assert mst_compile.counters["head_rewritten"] == 1 and loss.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(model.head.weight.grad, ref_g, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x.grad, ref_x, rtol=1e-5, atol=1e-7)

@@ -47,6 +47,13 @@ def linear_ce(
     want_logits: bool,
     mean: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with registry.no_autocast():  # the loop casts to its compute dtype itself (NOTE [autocast])
+        return _linear_ce(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing, num_chunks, chunk_rows,
+                          needs, want_logits, mean)  # fmt: skip
+
+
+def _linear_ce(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing, num_chunks, chunk_rows, needs,
+               want_logits, mean):  # fmt: skip
     pre, post = registry.get(pre_key), registry.get(post_key)
     _check_targets(labels, ignore_index, w.shape[0])
     h, w = h.detach(), w.detach()

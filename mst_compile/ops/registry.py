@@ -79,11 +79,7 @@ class Body:
         an autocast block must not pick up the outer one: the op runs inside the caller's autocast)."""
         if self.autocast:
             return torch.autocast(self.autocast[0], self.autocast[1])
-        stack = contextlib.ExitStack()
-        for device in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(device):
-                stack.enter_context(torch.autocast(device, enabled=False))
-        return stack
+        return no_autocast()
 
     def inner(self, x, *params):
         """The body up to (not including) the exit projection, under the region's autocast."""
@@ -97,6 +93,16 @@ class Body:
                 b = params[self.exit_b] if self.exit_b >= 0 else None
                 out = torch.nn.functional.linear(out, params[self.exit_w], b)
         return out
+
+
+def no_autocast() -> contextlib.ExitStack:
+    """Turn off the caller's autocast (the ops run inside it, opaque to it): the chunk loops cast explicitly to
+    their region's compute dtype (NOTE [autocast]), and a region that ran without autocast must not get one."""
+    stack = contextlib.ExitStack()
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
 
 
 _COMPILED: dict[tuple, Callable] = {}

@@ -25,7 +25,7 @@ from .chunking import chunk_bounds
 def rowwise(x: torch.Tensor, params: list[torch.Tensor], key: str, num_chunks: int, chunk_rows: int) -> torch.Tensor:
     body = registry.get(key)
     out = x.new_empty((x.shape[0], body.out_features), dtype=body.out_dtype or x.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), registry.no_autocast():  # the body sets its region's autocast (NOTE [autocast])
         for s, e in chunk_bounds(x.shape[0], num_chunks, chunk_rows):
             out[s:e] = body(x[s:e], *params)
     return out
@@ -55,7 +55,7 @@ def rowwise_backward(
     accs = [GradAccumulator(p, len(bounds)) if n else None for p, n in zip(params, needs[1:])]
     wanted = [p for p, n in zip(leaves, needs[1:]) if n]
     inputs_needed = needs[0] or bool(wanted)
-    with _compat.autograd_inside_op():
+    with _compat.autograd_inside_op(), registry.no_autocast():  # the exit GEMMs run in the body's dtype
         for s, e in bounds:
             xc = x[s:e].detach().requires_grad_(needs[0])
             out, g_out = body.inner(xc, *leaves), grad[s:e]
