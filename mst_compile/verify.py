@@ -61,7 +61,7 @@ def _low_precision(gm: torch.fx.GraphModule, args) -> torch.dtype | None:
         if n.op == "call_function" and getattr(n.target, "__name__", "") == "_enter_autocast":
             found.append(n.args[1] if len(n.args) > 1 and n.args[1] is not None else torch.bfloat16)
     found += [a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16)]
-    return min(found, key=lambda d: (d.itemsize, d is torch.bfloat16)) if found else None
+    return min(found, key=lambda d: (d.itemsize, d is not torch.bfloat16)) if found else None  # bf16 before fp16
 
 
 def _flat(outs) -> list:
@@ -118,8 +118,7 @@ def verifying(compiled, original: torch.fx.GraphModule, mode, report):
     def run(*args):
         if not state["done"]:
             state["done"] = True
-            with torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad():
-                checks = compare(compiled, original, args)
+            checks = compare(compiled, original, args)
             report.verify = checks
             bad = [c for c in checks if not c.ok]
             text = f"mst verify, {report.graph}: " + ("; ".join(c.line() for c in bad) if bad else "all match")
