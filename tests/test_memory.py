@@ -22,7 +22,7 @@ def _peak(arm, form, options=None):
     return r
 
 
-#: mst as the previous sessions shipped it: no selective recompute, Inductor's buffer reuse on
+#: mst as it shipped before commit 0e335be: no selective recompute, Inductor's buffer reuse on
 KEEP_ALL = '{"recompute": "none", "inductor": {"allow_buffer_reuse": true}}'
 
 
