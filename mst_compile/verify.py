@@ -42,7 +42,8 @@ class Check:
         return f"{self.what}: max rel err {self.error:.2e} (tolerance {self.tolerance:.0e}){flag}"
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b| / max |b|`` in fp64; infinite where the NaN patterns differ."""
     a, b = a.detach().double(), b.detach().double()
     if not torch.equal(torch.isnan(a), torch.isnan(b)):
         return float("inf")
@@ -92,7 +93,7 @@ def compare(compiled, original: torch.fx.GraphModule, args) -> list[Check]:
     checks = []
     for i, (a, b) in enumerate(zip(got, ref)):
         if isinstance(b, torch.Tensor) and isinstance(a, torch.Tensor) and b.is_floating_point():
-            checks.append(Check(f"output {i}", _rel(a, b), TOLERANCE.get(_compute_dtype(b, low), 1e-4)))
+            checks.append(Check(f"output {i}", relative_error(a, b), TOLERANCE.get(_compute_dtype(b, low), 1e-4)))
     diff = [i for i, (a, b) in enumerate(zip(got, ref)) if isinstance(b, torch.Tensor) and b.requires_grad
             and isinstance(a, torch.Tensor) and a.requires_grad]  # fmt: skip
     if diff and ref_leaves:
@@ -107,7 +108,8 @@ def compare(compiled, original: torch.fx.GraphModule, args) -> list[Check]:
             if a is None or b is None:
                 checks.append(Check(f"gradient of input {p}", float("inf"), 0.0))
                 continue
-            checks.append(Check(f"gradient of input {p}", _rel(a, b), TOLERANCE.get(_compute_dtype(b, low), 1e-4)))
+            tol = TOLERANCE.get(_compute_dtype(b, low), 1e-4)
+            checks.append(Check(f"gradient of input {p}", relative_error(a, b), tol))
     return checks
 
 

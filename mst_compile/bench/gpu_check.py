@@ -25,10 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-
-def _rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+from ..verify import relative_error as _rel  # max |a - b| / max |b|, NaN-aware
 
 
 def _parity_models(device, small):

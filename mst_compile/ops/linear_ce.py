@@ -17,6 +17,7 @@ none, as eager) and the count of non-ignored labels.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
@@ -181,8 +182,6 @@ def compiled_cross_entropy(z, y, ignore_index: int, eps: float, grad: bool):
     """A chunk's cross-entropy as Inductor code (NOTE [compiled bodies]): for low-precision logits, where the
     gradient it writes (in ``z``'s dtype) replaces the fp32 copy the in-place path makes. One compile per
     dtype, vocabulary, ``ignore_index`` and smoothing, the row count a symbol. Falls back to the in-place path."""
-    import functools
-
     key = (z.dtype, z.device.type, z.shape[1], y.dtype, ignore_index, float(eps))
     fn = _COMPILED_CE.get(key)
     if fn is None:

@@ -56,7 +56,7 @@ class Body:
     # NOTE [autocast]: ``(device_type, dtype)`` when the region ran under autocast in the user's graph. The op is
     # opaque to autocast, so it re-enters the same autocast around the body (forward and recompute).
     autocast: tuple | None = None
-    # NOTE [compiled bodies]: when set, the op runs ``fn`` through ``torch.compile`` (Inductor, the row dimension
+    # NOTE [compiled bodies]: when set, the op runs ``fn`` through Inductor's ``compile_fx`` (the row dimension
     # dynamic: one compile serves the full chunks and the ragged tail, and every layer with the same body), so
     # the row-wise middle (activation, gating, biases) is one fused kernel per chunk instead of one kernel per
     # op; the loop, the GEMM issued for the exit projection and the in-place weight-gradient accumulation stay
