@@ -67,6 +67,11 @@ def compile_fx_rows_dynamic(gm, args):
     return compile_fx(gm, fakes)
 
 
+def custom_op_kernel(op):
+    """The Python function behind a ``torch.library.custom_op`` (below its dispatch: no autograd, no fake)."""
+    return op._init_fn
+
+
 def compile_id() -> tuple[int, int] | None:
     """``(frame_id, frame_compile_id)`` of the Dynamo compile in progress (``None`` outside one): the second
     number counts recompiles of the same frame."""
