@@ -32,7 +32,10 @@ SETUPS = ("default", "nll", "padding_free", "packing", "ga", "completion_only")
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--framework", choices=("trl", "trainer"), default="trl")
-    p.add_argument("--backend", choices=("mst", "inductor", "eager"), default="mst")
+    p.add_argument("--backend", choices=("mst", "inductor", "aot_eager", "eager"), default="mst")
+    p.add_argument("--mst-compiler", choices=("inductor", "aot_eager"), default="inductor",
+                   help="what compiles mst's rewritten graph (aot_eager: no code generation, the quick A/B against "
+                        "--backend aot_eager)")  # fmt: skip
     p.add_argument("--compile", choices=("inplace", "wrap", "args"), default="inplace",
                    help="inplace: model.compile(backend=...); wrap: torch.compile(model, backend=...); args: "
                         "TrainingArguments(torch_compile=True, torch_compile_backend=...) (mst then needs "
@@ -112,6 +115,8 @@ def run(a) -> dict:
     vocab = model.config.vocab_size
     device = "cuda" if torch.cuda.is_available() else "cpu"
     options = {} if a.num_chunks is None else {"num_chunks": a.num_chunks}
+    if a.mst_compiler != "inductor":
+        options["compiler"] = a.mst_compiler
     kw = {"options": options} if a.backend == "mst" else {}
     if a.compile == "inplace":
         model.compile(backend=a.backend, **kw)  # the recipe: the trainer keeps the model itself
