@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from .. import _compat
@@ -60,6 +61,15 @@ def _width(n) -> int | None:
     return int(w) if isinstance(w, int) else None
 
 
+def _is_glu(n: fx.Node) -> bool:
+    """``F.glu`` (``nn.GLU``) halving the feature dimension: row-wise like a split of the last dim and a product."""
+    if n.op != "call_function" or n.target is not F.glu:
+        return False
+    dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else -1)
+    v = tval(n)
+    return isinstance(dim, int) and v is not None and dim in (-1, v.dim() - 1)
+
+
 def _is_expanding(n, ctx: PassContext) -> bool:
     la = linear_args(n)
     if la is None:
@@ -85,7 +95,7 @@ def find_region(start: fx.Node, ctx: PassContext) -> tuple[fx.Node, list[fx.Node
             return
         if n in ctx.claimed:
             raise CantChunk(f"{n.name} belongs to another region")
-        if linear_args(n) is None and not (is_elementwise(n) or is_split(n) or is_getitem_of_split(n)):
+        if linear_args(n) is None and not (is_elementwise(n) or is_split(n) or is_getitem_of_split(n) or _is_glu(n)):
             raise CantChunk(f"{why.name} feeds {n.name} ({n.target}), which is not row-wise")
         region.add(n)
         queue.append(n)
@@ -149,6 +159,11 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
     """Find -> check -> apply for every MLP region in ``gm``; skipped regions stay unchanged."""
     if not ctx.config.mlp:
         return
+    # NOTE [shared input]: when a candidate is rejected, the other widening projections of its input are most
+    # often part of the same candidate (gate and up): they are tried again without a second record. They can also
+    # open an MLP of their own beside it (a parallel block whose fused qkv and fc1 read one norm: Phi-2, GPT-J):
+    # that one is rewritten as usual.
+    siblings_of_rejected: set[fx.Node] = set()
     for start in list(gm.graph.nodes):
         if start in ctx.claimed or not _is_expanding(start, ctx):
             continue
@@ -174,11 +189,12 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
             num_chunks, chunk_rows, label = plan.num_chunks, plan.chunk_rows, plan.label
             _check_body(ctx, key, x, params, ev)
         except Exception as e:  # noqa: BLE001 - CantChunk, or a bug: either way this region stays as it was
+            ctx.claimed.add(start)
+            if start in siblings_of_rejected:
+                continue  # part of a candidate already recorded as skipped (NOTE [shared input])
             skip(rec, e)
             ctx.regions.append(rec)
-            # the sibling projections of the same input belong to the same (rejected) candidate
-            ctx.claimed.update(u for u in linear_args(start)[0].users if _is_expanding(u, ctx))
-            ctx.claimed.add(start)
+            siblings_of_rejected.update(u for u in linear_args(start)[0].users if _is_expanding(u, ctx))
             continue
         with gm.graph.inserting_before(exit_node):
             new = gm.graph.call_function(rowwise_call, (x, params, key, num_chunks, chunk_rows))

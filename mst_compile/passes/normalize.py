@@ -3,14 +3,23 @@
 Before::  t = torch.addmm(b, x2d, W)            (GPT-2 ``Conv1D``; W is [in, out])
 After::   t = torch._C._nn.linear(x2d, W.t(), b)
 
-Only ``beta == alpha == 1`` is rewritten; the value is identical (``b + x @ W``). Then the token flattening
-around such a projection is folded away, so the projection reads the unflattened input:
+Only ``beta == alpha == 1`` is rewritten; the value is identical (``b + x @ W``). Projections written as a
+product with a weight matrix are rewritten the same way (the value is ``x @ W`` either way)::
+
+    x @ W,  torch.matmul(x, W)                  ->  linear(x, W.t())     (W: [in, out], x: [..., in])
+    torch.einsum("btd,df->btf", x, W)           ->  linear(x, W.t())
+    torch.einsum("...d,fd->...f", x, W)         ->  linear(x, W)         (W: [out, in], as nn.Linear keeps it)
+
+Then the token flattening around such a projection is folded away, so the projection reads the unflattened
+input:
 
 Before::  t = linear(x.view(-1, H), Wt, b).view(*x.shape[:-1], out)
 After::   t = linear(x, Wt, b)
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import fx
@@ -36,7 +45,67 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
         lin.meta.update(n.meta)
         n.replace_all_uses_with(lin)
         g.erase_node(n)
+    for n in list(g.nodes):
+        proj = _matmul_projection(n)
+        if proj is not None:
+            _to_linear(g, n, *proj)
     _fold_token_flattening(g)
+
+
+_MATMULS = (operator.matmul, torch.matmul)
+
+
+def _matmul_projection(n: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
+    """``(x, W, transposed)`` when ``n`` is ``x @ W`` or a two-operand einsum contracting ``x``'s last dimension
+    with a matrix ``W`` and keeping the rest of ``x`` in order: ``linear(x, W.t() if transposed else W)``."""
+    if n.op != "call_function" or n.kwargs:
+        return None
+    if n.target in _MATMULS and len(n.args) == 2:
+        x, w = n.args
+        return (x, w, True) if _operands_fit(x, w) else None
+    if n.target is not torch.einsum or not n.args or not isinstance(n.args[0], str):
+        return None
+    ops = list(n.args[1]) if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else list(n.args[1:])
+    spec = n.args[0].replace(" ", "")
+    if len(ops) != 2 or spec.count("->") != 1:
+        return None
+    ins, out = spec.split("->")
+    subs = ins.split(",")
+    if len(subs) != 2:
+        return None
+    for xi, wi in ((0, 1), (1, 0)):
+        x, w, xs, ws = ops[xi], ops[wi], subs[xi], subs[wi]
+        if not _operands_fit(x, w) or len(ws) != 2 or len(set(ws)) != 2 or "." in ws:
+            continue
+        lead, c = xs[:-1], xs[-1:]
+        free = lead.replace("...", "")
+        if len(set(free)) != len(free) or c not in ws or c in lead or "." in c:
+            continue
+        o = ws.replace(c, "")
+        if o in xs or out != lead + o:
+            continue
+        if "..." not in lead and len(lead) != tval(x).dim() - 1:
+            continue
+        return x, w, ws == c + o
+    return None
+
+
+def _operands_fit(x, w) -> bool:
+    xv, wv = tval(x), tval(w)
+    return isinstance(x, fx.Node) and isinstance(w, fx.Node) and xv is not None and wv is not None \
+        and xv.dim() >= 2 and wv.dim() == 2  # fmt: skip
+
+
+def _to_linear(g: fx.Graph, n: fx.Node, x: fx.Node, w: fx.Node, transposed: bool) -> None:
+    with g.inserting_before(n):
+        if transposed:
+            wt = g.call_method("t", (w,))
+            wt.meta["example_value"] = tval(w).t()
+            w = wt
+        lin = g.call_function(torch._C._nn.linear, (x, w, None))
+    lin.meta.update(n.meta)
+    n.replace_all_uses_with(lin)
+    g.erase_node(n)
 
 
 def _is_reshape(n) -> bool:
