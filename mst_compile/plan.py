@@ -49,6 +49,10 @@ class ChunkPlan:
     chunk_rows: int
     label: str
     whole: bool = False
+    automatic: bool = True  # False when the user fixed the count or the size
+
+    def chunks(self, tokens: int) -> int:
+        return num_chunks_for(tokens, self.num_chunks, self.chunk_rows)
 
     def rows_in_first_chunk(self, tokens: int) -> int:
         start, stop = chunk_bounds(tokens, self.num_chunks, self.chunk_rows)[0]
@@ -74,6 +78,7 @@ def chunk_plan(cfg, *, rows: int | None, input_size: int, wide_size: int, row_by
                device_memory: int | None = None, device_index: int | None = None) -> ChunkPlan:  # fmt: skip
     """The plan for a region of ``rows`` tokens (``None`` when dynamic) under config ``cfg``."""
     row_bytes = max(int(row_bytes), 1)
+    fixed = bool(cfg.num_chunks or cfg.chunk_tokens or cfg.chunk_memory_mib)
     if cfg.num_chunks:
         m, r, rule = cfg.num_chunks, 0, str(cfg.num_chunks)
     elif cfg.chunk_tokens:
@@ -92,4 +97,4 @@ def chunk_plan(cfg, *, rows: int | None, input_size: int, wide_size: int, row_by
         auto = max(1, math.ceil(wide_size / max(input_size, 1)))
         r = min_rows(cfg, row_bytes)
         m, rule = auto, f"{auto}, >= {r} tokens each"
-    return ChunkPlan(m, r, str(num_chunks_for(rows, m, r)) if isinstance(rows, int) else rule)
+    return ChunkPlan(m, r, str(num_chunks_for(rows, m, r)) if isinstance(rows, int) else rule, automatic=not fixed)

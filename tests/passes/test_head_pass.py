@@ -37,7 +37,7 @@ def test_finds_head_and_matches_eager(kw):
     hs = torch.randn(2, 7, 16, requires_grad=True)
     y = torch.randint(0, 200, (2, 7))
     y[0, :3] = -100
-    gm, ctx, ex = rewrite(head, hs, y)
+    gm, ctx, ex = rewrite(head, hs, y, config=mst_compile.MSTConfig(num_chunks=3))
     assert len(_heads(ctx, "rewritten")) == 1, ctx.regions
     assert len(_calls(gm)) == 1
     assert not [n for n in gm.graph.nodes if n.target is F.cross_entropy]
@@ -48,6 +48,19 @@ def test_finds_head_and_matches_eager(kw):
     torch.testing.assert_close(out, ref)
     for g, r in zip(got_grads, ref_grads):
         assert_close_rel(g, r)
+
+
+def test_one_automatic_chunk_with_an_op_by_op_tail_is_left_to_inductor():
+    """NOTE [one-chunk tail]: a softcapped head whose automatic plan is one chunk stays whole (Inductor fuses the
+    tail); a cast-only head of the same size is still rewritten, and a fixed count still chunks the softcap."""
+    hs, y = torch.randn(2, 7, 16), torch.randint(0, 200, (2, 7))
+    _, ctx, _ = rewrite(LMHead(softcap=5.0), hs, y)
+    (r,) = regions(ctx, "head", "skipped")
+    assert "NOTE [one-chunk tail]" in r.reason, r.reason
+    _, ctx, _ = rewrite(LMHead(), hs, y)
+    assert len(_heads(ctx, "rewritten")) == 1, ctx.regions
+    _, ctx, _ = rewrite(LMHead(softcap=5.0), hs, y, config=mst_compile.MSTConfig(num_chunks=1))
+    assert len(_heads(ctx, "rewritten")) == 1, ctx.regions
 
 
 def test_memory_budget_sets_the_head_chunk_size():
