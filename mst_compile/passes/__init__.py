@@ -16,7 +16,7 @@ import os
 
 from torch import fx
 
-from . import causal_mask, head_ce, mlp, normalize
+from . import causal_mask, head_ce, mlp, moe, normalize
 from .common import CantChunk, PassContext
 
 log = logging.getLogger("mst_compile.passes")
@@ -27,6 +27,7 @@ PASSES = (
     ("normalize", normalize.rewrite, True),
     ("causal_mask", causal_mask.rewrite, False),  # finds masks in the root graph, follows them into layers
     ("head_ce", head_ce.rewrite, False),  # its outputs are the model's outputs: root graph only
+    ("moe", moe.rewrite, True),  # before the MLP pass: an expert or shared-expert MLP belongs to its block
     ("mlp", mlp.rewrite, True),
 )
 

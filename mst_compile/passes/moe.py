@@ -1,0 +1,316 @@
+"""Pass: chunk mixture-of-experts blocks over tokens, recomputing each chunk in backward.
+
+A MoE block routes and combines every token on its own: router projection, softmax, top-k, dispatch to the
+experts, the experts' MLPs, the weighted combine. Its expert intermediates are as large as a dense MLP's
+(``[tokens * top_k, intermediate]``; HF's ``batched_mm`` form also gathers one weight matrix per token and
+slot). The pass finds the router (a projection of the block's ``[tokens, hidden]`` input feeding a ``topk``),
+admits every node downstream of that input that is proven token-wise (NOTE [token-wise MoE],
+``moe_layout.py``), and runs the whole block as one ``mst::rowwise`` op (the MLP pass's op: its chunk loop,
+recompute and weight-gradient accumulation), the router logits (read by the load-balancing loss) returned as
+a second row-wise output next to the block's output::
+
+    y = view(x); logits = linear(y, Wr); ... experts ...; out = sum(view(weighted, T, k, H), 1)
+  ->
+    both = rowwise_call(y, [Wr, W_gate_up, W_down], key="moe:<hash>", ...)   # [T, H + E]
+    out = both[:, :H]; logits = both[:, H:]
+
+Every size that names the token count inside the block (``view(T, k, H)``, ``arange(T * k)``) is re-addressed
+to the chunk's rows. Only the block's input and the weights are saved for backward.
+
+Forms (transformers 5): ``experts_implementation="batched_mm"`` and ``"grouped_mm"`` (the default; on the CPU
+and for non-bf16 weights under compile it calls ``transformers::grouped_mm_fallback``) are one graph each and
+are chunked. ``"eager"`` loops over ``nonzero()`` of the expert mask: Dynamo breaks the graph there (a
+data-dependent loop count, even with ``capture_dynamic_output_shape_ops``), so no graph holds a whole block;
+the router's piece is recorded as skipped.
+
+The MoE pass runs when the MLP pass does (``mlp=True``), before it, so an expert MLP or a shared expert that
+reads the block input is part of the MoE region and not taken for a dense MLP.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch import fx
+
+from .. import _compat
+from ..ops import registry
+from ..plan import chunk_plan
+from ..report import Region
+from .common import CantChunk, PassContext, autocast_states, linear_args, numel_bytes, region_autocast, region_grad, skip, tval, val
+from .mlp import rowwise_call
+from .moe_layout import Lay, Layouts, NotRowwise, is_fn, is_method, op_name, GROUPED_MM_OPS, GROUPED_MM_FUNCTIONS
+
+MAX_OUTPUTS = 4
+
+
+def _is_topk(n: fx.Node) -> bool:
+    return is_fn(n, torch.topk) or is_method(n, "topk")
+
+
+def _router(topk: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(x, router projection)`` of a top-k that ranks a projection of ``x``, else ``None``: walk back through
+    casts and the softmax to the projection, then up its input's ``view``/``reshape`` chain to the topmost
+    ``[tokens, hidden]`` value (the one the experts read too)."""
+    n = topk.args[0]
+    for _ in range(6):
+        if not isinstance(n, fx.Node):
+            return None
+        if linear_args(n) is not None:
+            break
+        single = is_method(n, "float", "to", "softmax", "type_as") or is_fn(
+            n, torch.softmax, torch.nn.functional.softmax, torch.sigmoid
+        )
+        if not single:
+            return None
+        n = n.args[0]
+    else:
+        return None
+    router = n
+    x, w, _ = linear_args(router)
+    if not isinstance(x, fx.Node) or not isinstance(w, fx.Node) or tval(w) is None or tval(w).dim() != 2:
+        return None
+    while (is_method(x, "view", "reshape") or is_fn(x, torch.reshape)) and tval(x.args[0]) is not None and (
+        tval(x.args[0]).dim() == 2
+    ):
+        x = x.args[0]
+    return x, router
+
+
+def _weight_like(n: fx.Node, memo: dict) -> bool:
+    """A value made only from parameters (and module attributes): a weight, never token-shaped."""
+    if n in memo:
+        return memo[n]
+    memo[n] = False
+    if n.op == "placeholder":
+        ok = isinstance(val(n), torch.nn.Parameter)
+    elif n.op == "get_attr":
+        ok = True
+    else:
+        ins = n.all_input_nodes
+        ok = bool(ins) and all(_weight_like(a, memo) for a in ins) and tval(n) is not None
+    memo[n] = ok
+    return ok
+
+
+def find_region(x: fx.Node, ctx: PassContext):
+    """``(region nodes in graph order, outputs, layouts)`` of the token-wise block that starts at ``x``."""
+    xv = tval(x)
+    if xv is None or xv.dim() != 2:
+        raise CantChunk(f"the router reads {x.name}, which is not a [tokens, hidden] matrix")
+    memo: dict = {}
+    lays = Layouts(x, lambda a: _weight_like(a, memo))
+    order = {n: i for i, n in enumerate(x.graph.nodes)}
+    cone, region, rejected = {x}, [], {}
+    for n in x.graph.nodes:
+        if order[n] <= order[x] or not any(a in cone for a in n.all_input_nodes):
+            continue
+        cone.add(n)
+        if n.op != "call_function" and n.op != "call_method" or n in ctx.claimed:
+            rejected[n] = f"{n.name} is not an op of this region"
+            continue
+        try:
+            lays.lay[n] = lays.admit(n)
+            region.append(n)
+        except NotRowwise as e:
+            rejected[n] = str(e)
+    region = sorted(set(region) | set(lays.extra), key=order.__getitem__)
+    inside = set(region)
+    outputs = [n for n in region if any(u not in inside for u in n.users)]
+    for n in region:
+        if n in lays.mutated and any(u not in inside for u in n.users):
+            raise CantChunk(f"{n.name} is written in place and read outside the block")
+    for o in outputs:
+        why = next((rejected[u] for u in o.users if u in rejected), "")
+        lay, v = lays.lay.get(o), tval(o)
+        if not (isinstance(lay, Lay) and lay.kind == "rows" and lay.f == 1 and lay.sort is None and v is not None):
+            raise CantChunk(f"{o.name} (inside the block, not one row per token) is read outside it" + (f": {why}" if why else ""))
+        if not v.is_floating_point():
+            raise CantChunk(f"{o.name} ({v.dtype}) is read outside the block" + (f": {why}" if why else ""))
+        if not all(isinstance(d, int) for d in v.shape[1:]):
+            raise CantChunk(f"{o.name} has a symbolic feature size")
+    return region, outputs, lays
+
+
+def _has_experts(region: list[fx.Node], lays: Layouts) -> bool:
+    """A grouped matmul, or a batched matmul / projection over weights gathered per row (``W[expert_ids]``)."""
+    gathered = {n for n in region if n.op == "call_function" and n.target is operator.getitem
+                and lays.of(n.args[0]) is None and isinstance(n.args[1], fx.Node)}  # fmt: skip
+    for n in region:
+        if op_name(n.target) in GROUPED_MM_OPS or is_fn(n, *GROUPED_MM_FUNCTIONS):
+            return True
+        if (is_fn(n, torch.bmm, torch.matmul) or is_method(n, "bmm", "matmul")) and any(
+            a in gathered for a in n.all_input_nodes
+        ):
+            return True
+    return False
+
+
+class _Rows:
+    """Marker in a copied node's arguments: the chunk's row count times ``f``."""
+
+    def __init__(self, f: int):
+        self.f = f
+
+
+def _readdressed_args(n: fx.Node, lays: Layouts):
+    """``(args, kwargs)`` for the body's copy of ``n``: sizes naming the token count made chunk-relative."""
+    if is_method(n, "view", "reshape") or is_fn(n, torch.reshape):
+        rest = tuple(int(d) for d in tval(n).shape[1:])
+        if n.op == "call_method":
+            return (n.args[0], -1, *rest), {}
+        return (n.args[0], (-1, *rest)), {}
+    if is_fn(n, torch.arange):
+        return (_Rows(lays.lay[n].f),), dict(n.kwargs)
+    return n.args, n.kwargs
+
+
+def extract(region: list[fx.Node], outputs: list[fx.Node], x: fx.Node, lays: Layouts):
+    """``(body, params, widths)``: the block as ``body(x_chunk, *params) -> [rows, sum(widths)]``."""
+    copies, params = [], []
+    inside = set(region)
+    for n in region:
+        args, kwargs = _readdressed_args(n, lays)
+        refs = []
+        fx.node.map_arg((args, kwargs), refs.append)
+        for a in refs:
+            if a is x or a in inside or a in params:
+                continue
+            if tval(a) is None:
+                raise CantChunk(f"{n.name} reads {a.name}, a size computed outside the block")
+            params.append(a)
+        copies.append((n, args, kwargs))
+    g = fx.Graph()
+    env = {x: g.placeholder("in0")}
+    for i, p in enumerate(params, 1):
+        env[p] = g.placeholder(f"in{i}")
+    rows = None
+
+    def lookup(a):
+        nonlocal rows
+        if isinstance(a, _Rows):
+            if rows is None:
+                rows = g.call_method("size", (env[x], 0))
+            return g.call_function(operator.mul, (rows, a.f))
+        return a
+
+    for n, args, kwargs in copies:
+        args, kwargs = fx.node.map_arg((args, kwargs), lambda a: env[a])
+        args, kwargs = fx.node.map_aggregate(args, lookup), fx.node.map_aggregate(kwargs, lookup)
+        new = g.create_node(n.op, n.target, args, kwargs, name=n.name)
+        env[n] = new
+    outs, widths = [], []
+    for o in outputs:
+        w = math.prod(int(d) for d in tval(o).shape[1:])
+        oo = env[o] if tval(o).dim() == 2 else g.call_method("reshape", (env[o], -1, w))
+        outs.append(oo)
+        widths.append(w)
+    g.output(outs[0] if len(outs) == 1 else g.call_function(torch.cat, (outs,), {"dim": -1}))
+    return fx.GraphModule(torch.nn.Module(), g), params, widths
+
+
+def output_slice(y: torch.Tensor, start: int, stop: int, shape: list[int]) -> torch.Tensor:
+    """What the rewritten graph reads for one region output: its columns of the op's result."""
+    part = y[:, start:stop]
+    return part if len(shape) == 1 else part.reshape(-1, *shape)
+
+
+def _check_body(key: str, x: fx.Node, params: list[fx.Node], width: int, dtype) -> None:
+    """Run the body on a 3-row fake chunk (a fresh FakeTensorMode: no shape guards are installed)."""
+    xv = tval(x)
+    try:
+        with _compat.FakeTensorMode():
+            xm = torch.empty((3, xv.shape[-1]), dtype=xv.dtype, device=xv.device)
+            pm = [torch.empty(tuple(tval(p).shape), dtype=tval(p).dtype, device=tval(p).device) for p in params]
+            out = registry.get(key)(xm, *pm)
+    except Exception as e:  # noqa: BLE001 - any failure means: leave the block alone
+        raise CantChunk(f"the extracted block does not run on a chunk: {type(e).__name__}: {e}") from e
+    if tuple(out.shape) != (3, width) or out.dtype != dtype:
+        raise CantChunk(f"the extracted block gives {tuple(out.shape)} {out.dtype}, expected [rows, {width}] {dtype}")
+
+
+def _plan(ctx: PassContext, x: fx.Node, region: list[fx.Node], outputs: list[fx.Node]):
+    xv = tval(x)
+    t = xv.shape[0]
+    per_token = [numel_bytes(tval(n)) / max(_compat.size_hint(t), 1) for n in region if n not in outputs and tval(n) is not None]
+    wide = max([_compat.size_hint(tval(n).numel()) // max(_compat.size_hint(t), 1) for n in region if tval(n) is not None] + [1])
+    rows = t if isinstance(t, int) else None
+    plan = chunk_plan(ctx.config, rows=rows, input_size=int(xv.shape[-1]), wide_size=wide, row_bytes=int(sum(per_token)),
+                      device_type=xv.device.type, device_index=xv.device.index)  # fmt: skip
+    if plan.whole:
+        raise CantChunk("the whole block fits the chunk budget: left to Inductor")
+    return plan, sum(per_token) * _compat.size_hint(t)
+
+
+def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Find -> check -> apply for every MoE block in ``gm``; skipped blocks stay unchanged."""
+    if not ctx.config.mlp:
+        return
+    routers: dict[fx.Node, tuple] = {}
+    for n in gm.graph.nodes:
+        found = _router(n) if _is_topk(n) and n not in ctx.claimed else None
+        if found is not None:  # else a top-k of something else (a loss re-ranking graph inputs, say)
+            routers.setdefault(found[1], (found[0], []))[1].append(n)
+    for router, (x, topks) in routers.items():
+        if router in ctx.claimed:
+            continue
+        rec = Region("moe", router.name, "skipped")
+        try:
+            region, outputs, lays = find_region(x, ctx)
+            inside = set(region)
+            if not any(t in inside for t in topks):
+                raise CantChunk("the router's top-k is not token-wise here")
+            if not _has_experts(region, lays):
+                first = next((u for t in topks for u in t.users), None)
+                raise CantChunk("no experts found after the router in this graph (a graph break after the top-k, "
+                                "or an expert loop not proven token-wise)" + (f"; the top-k feeds {first.name}" if first else ""))  # fmt: skip
+            if len(outputs) > MAX_OUTPUTS:
+                raise CantChunk(f"the block has {len(outputs)} outputs read outside it")
+            dtypes = {tval(o).dtype for o in outputs}
+            if len(dtypes) != 1:
+                raise CantChunk(f"the block's outputs have different dtypes ({sorted(map(str, dtypes))})")
+            (dtype,) = dtypes
+            body, params, widths = extract(region, outputs, x, lays)
+            amp = region_autocast(region, autocast_states(gm.graph))
+            region_grad(region, ctx, gm.graph)
+            # NOTE [compiled bodies] does not apply: a MoE body's sort, histogram and gathers are not measured
+            # through compile_fx, so it runs op by op on every device
+            key = registry.register("moe", body, sum(widths), dtype, autocast=amp, compiled=False)
+            plan, inter = _plan(ctx, x, region, outputs)
+            _check_body(key, x, params, sum(widths), dtype)
+            order = {n: i for i, n in enumerate(gm.graph.nodes)}
+            last_input = max([x, *params], key=order.__getitem__)
+            users = [u for o in outputs for u in o.users if u not in set(region)]
+            if any(order[u] <= order[last_input] for u in users):
+                raise CantChunk("an output of the block is read before all of its weights are defined")
+        except Exception as e:  # noqa: BLE001 - CantChunk, or a bug: either way this block stays as it was
+            skip(rec, e)
+            ctx.regions.append(rec)
+            ctx.claimed.update([router, *topks])
+            continue
+        _apply(gm, x, params, key, plan, region, outputs, widths, last_input)
+        rec.status, rec.chunks = "rewritten", plan.label
+        rec.nodes = [n.name for n in region]
+        rec.shapes = f"x={list(tval(x).shape)} outputs={[o.name for o in outputs]}"
+        rec.bytes_saved = int(inter * (1 - 1 / int(plan.label))) if plan.label.isdigit() else 0
+        ctx.regions.append(rec)
+        ctx.claimed.update(region)
+
+
+def _apply(gm, x, params, key, plan, region, outputs, widths, last_input) -> None:
+    g = gm.graph
+    with g.inserting_after(last_input):
+        call = g.call_function(rowwise_call, (x, params, key, plan.num_chunks, plan.chunk_rows))
+    xv = tval(x)
+    call.meta["example_value"] = xv.new_empty((xv.shape[0], sum(widths)), dtype=tval(outputs[0]).dtype)
+    start, prev = 0, call
+    for o, w in zip(outputs, widths):
+        with g.inserting_after(prev):
+            part = g.call_function(output_slice, (call, start, start + w, [int(d) for d in tval(o).shape[1:]]))
+        part.meta.update(o.meta)
+        o.replace_all_uses_with(part)
+        start, prev = start + w, part
+    for n in reversed(region):
+        g.erase_node(n)
