@@ -237,6 +237,9 @@ class Layouts:
             if not (isinstance(lay, Lay) and lay.kind == "perm") or len(n.args) > 1 or n.kwargs:
                 raise NotRowwise(f"{n.name}: empty_like of a token value")
             return Lay("invpend", lay.f, lay.sort)
+        if is_fn(n, F.one_hot):  # one row's classes along a new last dimension
+            lay = self.rows(n.args[0], n.name)
+            return Lay("rows", lay.f, lay.sort)
         if is_fn(n, torch.histc):
             return self._histc(n)
         if is_fn(n, torch.cumsum) or is_method(n, "cumsum"):
