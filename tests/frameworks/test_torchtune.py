@@ -69,4 +69,5 @@ def test_recipe_compiled_step_peak_is_below_inductor():
     """4096 tokens, dim 128, MLP hidden 2048, vocab 512, 8 output chunks (torchtune's), fp32."""
     base, mst = compare_memory("torchtune", 4096)
     assert mst["counters"]["mlp_rewritten"] == 1, mst["reports"]
-    assert mst["peak_mib"] < 0.8 * base["peak_mib"], (mst["peak_mib"], base["peak_mib"])
+    # measured here: 50.6 vs 259.0 MiB (0.20), the same loss
+    assert mst["peak_mib"] < 0.4 * base["peak_mib"], (mst["peak_mib"], base["peak_mib"])

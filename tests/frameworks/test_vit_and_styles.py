@@ -98,4 +98,5 @@ def test_vit_compiled_step_peak_is_below_inductor():
     """20 images of 224 pixels in 16-pixel patches (3940 tokens), D=128, MLP 1024 wide, fp32."""
     base, mst = compare_memory("vit", 3940)
     assert mst["counters"]["mlp_rewritten"] == 2, mst["reports"]
-    assert mst["peak_mib"] < 0.85 * base["peak_mib"], (mst["peak_mib"], base["peak_mib"])
+    # measured here: 50.6 vs 121.9 MiB (0.42), loss equal to 1e-7 relative
+    assert mst["peak_mib"] < 0.6 * base["peak_mib"], (mst["peak_mib"], base["peak_mib"])
