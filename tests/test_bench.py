@@ -226,3 +226,12 @@ def test_chunk_cost_counts_what_each_chunk_of_the_ops_launches():
         fwd.ops, bwd.ops, head.ops)  # fmt: skip
     # bytes: at least every chunk's input rows and weights read once
     assert fwd.bytes >= (32 * 16 + 2 * 48 * 16 + 48 * 16) * 4
+
+
+def test_default_run_is_the_headline_and_full_is_every_arm():
+    from mst_compile.bench.__main__ import HEADLINE, selected_arms
+    from mst_compile.bench.worker import ARMS, EXTRA_ARMS
+
+    assert selected_arms(None, False) == list(HEADLINE) == ["compile", "mst"]
+    assert selected_arms(None, True) == selected_arms("all", False) == list(ARMS + EXTRA_ARMS)
+    assert selected_arms("eager,mst", True) == ["eager", "mst"]

@@ -1,6 +1,7 @@
 """Side-by-side benchmark: every arm in its own process, same model and tokens.
 
-    python -m mst_compile.bench                                  # every arm, both forms, 2048 tokens
+    python -m mst_compile.bench                                  # the headline: torch.compile vs mst, both forms
+    python -m mst_compile.bench --full                           # every arm (eager, checkpointing, peers, ...)
     python -m mst_compile.bench --tokens 2048,8192,16384 --out bench_out
     python -m mst_compile.bench --ablate 4,8,16,32,64 --tokens 8192   # mst at fixed chunk counts vs automatic
     python -m mst_compile.bench --ablate min_chunk_tokens=128 --model qwen-vocab   # any mst option
@@ -69,6 +70,15 @@ def _jobs(a, arms, forms, tokens_list):
     return jobs
 
 
+#: the default arms: the strongest baseline and mst (a first run shows the headline in a few minutes)
+HEADLINE = ("compile", "mst")
+
+def selected_arms(arms: str | None, full: bool) -> list[str]:
+    """``--arms`` as a list: the headline by default, every arm with ``--full`` or ``all``."""
+    arms = arms or ("all" if full else ",".join(HEADLINE))
+    return list(ARMS + EXTRA_ARMS) if arms == "all" else arms.split(",")
+
+
 #: ``python -m mst_compile.bench TOOL ...``: the benchmark's companion checks, each its own module
 TOOLS = {"gpu-check": "gpu_check", "chunk-cost": "chunk_cost"}
 
@@ -89,8 +99,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="llama-small", help=f"one of {', '.join(CONFIGS)} (bench/models.py), or "
                    f"zoo:ARCH with ARCH one of {', '.join(ZOO)}, nanogpt")  # fmt: skip
     p.add_argument("--tokens", default="2048", help="comma-separated token counts (batch 1)")
-    p.add_argument("--arms", default="all",
-                   help=f"comma-separated, from: {', '.join(ARMS + EXTRA_ARMS)}; all: every one")  # fmt: skip
+    p.add_argument("--arms", default=None, help=f"comma-separated, from: {', '.join(ARMS + EXTRA_ARMS)}; all: every "
+                   f"one (default: {','.join(HEADLINE)}, the headline; all with --full)")  # fmt: skip
+    p.add_argument("--full", action="store_true", help="every arm (--arms all): about 26 runs of a minute or more "
+                   "each on a CPU")  # fmt: skip
     p.add_argument("--forms", default=",".join(FORMS), help="comma-separated: step (a compiled function returning the "
                    "loss), model (the compiled model, logits returned too; every arm but " + ", ".join(STEP_ONLY) + ")")
     p.add_argument("--steps", type=int, default=3, help="measured steps per arm (the table shows medians)")
@@ -106,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--cap-max", type=int, default=131072, help="longest length the cap search tries")
     p.add_argument("--cold", action="store_true", help="an empty Inductor cache per process (cold compile time)")
     a = p.parse_args(argv)
-    arms = list(ARMS + EXTRA_ARMS) if a.arms == "all" else a.arms.split(",")
+    arms = selected_arms(a.arms, a.full)
     forms = a.forms.split(",")
     for arm in arms:
         if arm not in ARMS + EXTRA_ARMS:
