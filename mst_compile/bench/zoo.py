@@ -30,8 +30,8 @@ ARCHS = {
 
 #: More decoder-only causal LMs of the installed transformers, built through ``AutoConfig.for_model`` with the
 #: same tiny sizes, and how many MLP regions each must get rewritten: 0 where the MLP is not a supported shape
-#: (mixture-of-experts routing, Bloom's autograd.Function GELU, Apertus' xIELU with its own branches); those
-#: must still compile unchanged and exactly.
+#: (mixture-of-experts blocks, which the MoE pass chunks and counts as ``moe`` regions; Bloom's autograd.Function
+#: GELU, Apertus' xIELU with its own branches); those must still compile exactly.
 AUTO_ARCHS = {
     "olmo": L, "olmo2": L, "olmo3": L, "stablelm": L, "cohere": L, "glm": L, "granite": L, "phi": L,
     "starcoder2": L, "gpt_bigcode": L, "persimmon": L, "nemotron": L, "helium": L, "smollm3": L, "exaone4": L,
