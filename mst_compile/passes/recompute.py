@@ -150,7 +150,9 @@ class _Joint:
         user, or small next to the largest tensor of the chain."""
         if a.op == "placeholder" or a in self.read_by_backward or "recompute" in a.meta:
             return True
-        return _numel(a) * _SMALL <= big
+        # a multi-output op (``split_with_sizes``) cannot be saved, only its pieces: a piece stays in the chain
+        # only with the op itself (else the partitioner finds a value it can neither save nor recompute)
+        return isinstance(val(a), torch.Tensor) and _numel(a) * _SMALL <= big
 
 
 def tag_recompute(graph: fx.Graph, mode: str) -> int:

@@ -251,3 +251,35 @@ def test_gpt2_end_to_end(mode):
     assert c["attention_inputs_recomputed"] == (zoo.L if mode == "attention" else 0)
     for name, g in grads(model).items():
         assert_close_rel(g, ref[name], name=name)
+
+
+def _fused_qkv_with_a_side_read(x, wn, wqkv, wo):
+    """torchtitan's shape: one q/k/v projection split unevenly (``split_with_sizes``, GQA), and one piece also
+    read by a forward op outside the recomputed chain, so the split itself stays out of it."""
+    kv = H // 2
+    n = _norm(x, wn)
+    q, k, v = (n @ wqkv.t()).split_with_sizes([H, kv, kv], dim=-1)
+    side = k.amax()
+    q = q.view(T, HEADS, D).transpose(0, 1)[None]
+    k, v = (t.view(T, HEADS // 2, D).transpose(0, 1)[None].repeat_interleave(2, dim=1) for t in (k, v))
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return x + o[0].transpose(0, 1).reshape(T, H) @ wo.t() + side
+
+
+def test_a_piece_of_an_unrecomputed_split_is_not_tagged():
+    """A tuple-valued node cannot be saved: tagging a piece without its split made the min-cut partitioner
+    fail (and the backend fall back to plain Inductor)."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(T, H, generator=g, requires_grad=True)
+    wn = torch.randn(H, generator=g).requires_grad_()
+    wqkv = (torch.randn(2 * H, H, generator=g) / H**0.5).requires_grad_()
+    wo = (torch.randn(H, H, generator=g) / H**0.5).requires_grad_()
+    args, table = [x, wn, wqkv, wo], select_decomp_table()
+    _, _, ref, _ = run(_fused_qkv_with_a_side_read, "none", args, table)
+    tagged, _, got, tags = run(_fused_qkv_with_a_side_read, "attention", args, table)
+    assert tagged > 0  # the norm chain still is
+    assert not any(t is torch.ops.aten.split_with_sizes.default and p for t, p in tags)
+    for a, r in zip(got, ref):
+        assert_close_rel(a, r, rtol=1e-5)
