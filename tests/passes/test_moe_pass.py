@@ -218,5 +218,5 @@ def test_inductor_step_peak_below_torch_compile():
     base, mst = _peak("compile", "grouped_mm"), _peak("mst", "grouped_mm")
     assert mst["moe_rewritten"] == 2
     assert abs(mst["loss"] - base["loss"]) < 1e-4 * abs(base["loss"])
-    # measured here: see the MoE memory entry of docs/bench; the bound leaves room for allocator noise
-    assert mst["peak_mib"] < 0.6 * base["peak_mib"], (mst["peak_mib"], base["peak_mib"])
+    # measured here (2 CPU cores, torch 2.13): 29.9 vs 233.3 MiB (0.13); batched_mm: 278.5 vs 6364.8 MiB
+    assert mst["peak_mib"] < 0.4 * base["peak_mib"], (mst["peak_mib"], base["peak_mib"])
