@@ -30,11 +30,17 @@ from .ops.chunking import chunk_bounds, num_chunks_for
 # ``min_chunk_tokens`` or ``chunk_memory_mib``).
 MIN_ROWS, LOWEST_MIN_ROWS, MIN_ROWS_MIB = 512, 256, 64
 
+# NOTE [one chunk is whole]: an automatic plan of one chunk (a short sequence) leaves the region to Inductor
+# (``ChunkPlan.whole``), on every device: one chunk bounds nothing, and the op would only add its recompute and,
+# on the CPU, op-by-op bodies that Inductor fuses (Gemma bf16 at 256 tokens: a step 1.5-1.7x torch.compile's;
+# Gemma-2's softcapped head 128 vs 65 MiB). Short sequences so compile as torch.compile would. A count the user
+# fixed is kept, one chunk included.
+
 # NOTE [CUDA chunk plan]: on a GPU the per-chunk weight-gradient update (V x H, or I x H, read and written per
 # chunk) is memory-bound below ~1200 tokens on an H100, and GEMMs run best on row counts that are multiples of
 # 128. So chunks are as large as a budget allows (a fraction of the device's memory per chunk's intermediate),
 # never under 1024 rows, rounded down to a multiple of 128; a region whose whole intermediate fits the budget
-# is not chunked at all (``ChunkPlan.whole``: the pass leaves it to Inductor, exactly as torch.compile would).
+# is one chunk, so not chunked at all (NOTE [one chunk is whole]).
 # Not measured on a GPU yet (no device lent so far): the constants are the estimate, the benchmark's
 # ``gpu-check`` measures them.
 CUDA_BUDGET_FRACTION, CUDA_MIN_ROWS, CUDA_ROW_MULTIPLE = 1 / 64, 1024, 128
@@ -49,10 +55,6 @@ class ChunkPlan:
     chunk_rows: int
     label: str
     whole: bool = False
-    automatic: bool = True  # False when the user fixed the count or the size
-
-    def chunks(self, tokens: int) -> int:
-        return num_chunks_for(tokens, self.num_chunks, self.chunk_rows)
 
     def rows_in_first_chunk(self, tokens: int) -> int:
         start, stop = chunk_bounds(tokens, self.num_chunks, self.chunk_rows)[0]
@@ -97,4 +99,6 @@ def chunk_plan(cfg, *, rows: int | None, input_size: int, wide_size: int, row_by
         auto = max(1, math.ceil(wide_size / max(input_size, 1)))
         r = min_rows(cfg, row_bytes)
         m, rule = auto, f"{auto}, >= {r} tokens each"
-    return ChunkPlan(m, r, str(num_chunks_for(rows, m, r)) if isinstance(rows, int) else rule, automatic=not fixed)
+    if not fixed and isinstance(rows, int) and num_chunks_for(rows, m, r) == 1:  # NOTE [one chunk is whole]
+        return ChunkPlan(0, r, "1", whole=True)
+    return ChunkPlan(m, r, str(num_chunks_for(rows, m, r)) if isinstance(rows, int) else rule)

@@ -26,10 +26,16 @@ def dynamo_graph(fn, *args, **kwargs):
     return captured[0]
 
 
+#: the automatic chunk count with no minimum chunk size: test-sized regions still get several chunks (the real
+#: minimum makes them one, and one chunk is left whole: NOTE [one chunk is whole])
+SMALL = mst_compile.MSTConfig(min_chunk_tokens=1)
+
+
 def rewrite(fn, *args, config=None, **kwargs):
-    """Run the mst passes on ``fn``'s Dynamo graph (no Inductor): ``(rewritten gm, PassContext)``."""
+    """Run the mst passes on ``fn``'s Dynamo graph (no Inductor): ``(rewritten gm, PassContext)``; ``config``
+    defaults to ``SMALL``."""
     gm, example_inputs = dynamo_graph(fn, *args, **kwargs)
-    ctx = PassContext(config or mst_compile.MSTConfig(), torch.is_grad_enabled())
+    ctx = PassContext(config or SMALL, torch.is_grad_enabled())
     return run_passes(gm, ctx), ctx, example_inputs
 
 

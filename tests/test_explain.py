@@ -31,7 +31,7 @@ def test_explain_lists_rewritten_and_skipped_regions_without_training():
 
 
 def test_dump_dir_writes_graphs_before_and_after_each_pass(tmp_path):
-    mst_compile.explain(Block(GatedMLP()), torch.randn(1, 4, 16), options={"dump_dir": str(tmp_path)})
+    mst_compile.explain(Block(GatedMLP()), torch.randn(1, 4, 16), options={"dump_dir": str(tmp_path), "num_chunks": 2})
     names = sorted(os.listdir(tmp_path))
     assert any(n.endswith("0_input.py") for n in names) and any(n.endswith("mlp.py") for n in names)
     after = open(tmp_path / [n for n in names if n.endswith("mlp.py")][0]).read()
@@ -41,7 +41,7 @@ def test_dump_dir_writes_graphs_before_and_after_each_pass(tmp_path):
 def test_cli_explain(capsys):
     from mst_compile.__main__ import main
 
-    main(["explain", "--model", "llama-tiny", "--tokens", "64"])
+    main(["explain", "--model", "llama-tiny", "--tokens", "64", "--options", '{"num_chunks": 4}'])
     out = capsys.readouterr().out
     assert "4 regions rewritten" in out  # 2 MLPs, the head, the causal mask
 
@@ -63,8 +63,8 @@ def test_reports_per_model():
     from tests.modules import Block, GatedMLP, PlainMLP
 
     a, b = Block(PlainMLP()), GatedMLP()
-    ca = torch.compile(a, backend="mst", options={"compiler": "aot_eager"})
-    cb = torch.compile(b, backend="mst", options={"compiler": "aot_eager"})
+    ca = torch.compile(a, backend="mst", options={"compiler": "aot_eager", "num_chunks": 2})
+    cb = torch.compile(b, backend="mst", options={"compiler": "aot_eager", "num_chunks": 2})
     ca(torch.randn(2, 5, 16))
     cb(torch.randn(2, 5, 16))
     assert mst_compile.last_report() is mst_compile.last_report(b) is mst_compile.last_report(cb)

@@ -43,7 +43,7 @@ def test_backend_report_names_the_graph_by_number_and_size():
             return self.head(self.mlp(x), y)
 
     x, y = torch.randn(2, 8, 16), torch.randint(0, 200, (2, 8))
-    torch.compile(Net(), backend="mst", options={"compiler": "aot_eager"})(x, y)
+    torch.compile(Net(), backend="mst", options={"compiler": "aot_eager", "num_chunks": 2})(x, y)
     text = str(mst_compile.last_report())
     assert re.match(r"mst: graph 1 \(\d+ nodes\): 2 regions rewritten, 0 skipped", text), text
     assert not INTERNAL.search(text), text
@@ -57,7 +57,7 @@ def test_explain_words():
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        main(["explain", "--model", "llama-tiny", "--tokens", "64"])
+        main(["explain", "--model", "llama-tiny", "--tokens", "64", "--options", '{"num_chunks": 4}'])
     text = buf.getvalue()
     assert text.startswith("mst explain: 1 graph, 4 regions rewritten"), text  # 2 MLPs, the head, the causal mask
     assert "graph 1 (" in text and not INTERNAL.search(text), text

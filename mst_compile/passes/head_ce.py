@@ -326,14 +326,7 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
     plan = chunk_plan(cfg, rows=rows, input_size=hidden * hv.element_size(), wide_size=vocab * 4, row_bytes=vocab * 4,
                       device_type=hv.device.type, device_index=hv.device.index)  # fmt: skip
     if plan.whole:
-        raise CantChunk("the whole logits fit the chunk budget: left to Inductor")
-    # NOTE [one-chunk tail]: a row-wise tail between projection and loss (softcap, scaling) runs op by op in
-    # the op, through autograd, keeping several [rows, vocab] temporaries of one chunk; Inductor fuses it. When
-    # the automatic plan has one chunk, that chunk is the whole logits and Inductor's code is the smaller
-    # (Gemma-2, 256 tokens, bf16: 128 vs 65 MiB). Cast-only heads keep their fused path and are still chunked.
-    tail = not (registry.get(pre_key).cast_only and registry.get(post_key).cast_only)
-    if tail and plan.automatic and rows is not None and plan.chunks(rows) == 1:
-        raise CantChunk("one chunk, and a row-wise tail that runs op by op: left to Inductor (NOTE [one-chunk tail])")
+        raise CantChunk("the whole logits fit one chunk: left to Inductor (NOTE [one chunk is whole])")
     return HeadPlan(pre_key, post_key, needs, mode, plan.num_chunks, plan.chunk_rows, plan.label)
 
 

@@ -185,7 +185,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
             plan = chunk_plan(ctx.config, rows=_rows(x), input_size=_width(x) or 1, wide_size=_wide(x, region),
                               row_bytes=row_bytes, device_type=xv.device.type, device_index=xv.device.index)  # fmt: skip
             if plan.whole:
-                raise CantChunk("the whole intermediate fits the chunk budget: left to Inductor")
+                raise CantChunk("the whole intermediate fits one chunk: left to Inductor (NOTE [one chunk is whole])")
             num_chunks, chunk_rows, label = plan.num_chunks, plan.chunk_rows, plan.label
             _check_body(ctx, key, x, params, ev)
         except Exception as e:  # noqa: BLE001 - CantChunk, or a bug: either way this region stays as it was

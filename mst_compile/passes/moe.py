@@ -240,7 +240,7 @@ def _plan(ctx: PassContext, x: fx.Node, region: list[fx.Node], outputs: list[fx.
     plan = chunk_plan(ctx.config, rows=rows, input_size=int(xv.shape[-1]), wide_size=wide, row_bytes=int(sum(per_token)),
                       device_type=xv.device.type, device_index=xv.device.index)  # fmt: skip
     if plan.whole:
-        raise CantChunk("the whole block fits the chunk budget: left to Inductor")
+        raise CantChunk("the whole block fits one chunk: left to Inductor (NOTE [one chunk is whole])")
     return plan, sum(per_token) * _compat.size_hint(t)
 
 

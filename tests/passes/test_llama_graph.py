@@ -44,9 +44,9 @@ def test_llama_without_labels_only_chunks_the_mlps():
 
 def test_config_switches():
     model, ids = _graph()
-    _, ctx, _ = rewrite(lambda i: model(input_ids=i, labels=i).loss, ids, config=mst_compile.MSTConfig(head=False))
+    _, ctx, _ = rewrite(lambda i: model(input_ids=i, labels=i).loss, ids, config=mst_compile.MSTConfig(head=False, min_chunk_tokens=1))
     assert {r.kind for r in ctx.regions if r.status == "rewritten"} == {"mlp", "mask"}
-    cfg = mst_compile.MSTConfig(head=False, causal_mask=False)
+    cfg = mst_compile.MSTConfig(head=False, causal_mask=False, min_chunk_tokens=1)
     _, ctx, _ = rewrite(lambda i: model(input_ids=i, labels=i).loss, ids, config=cfg)
     assert {r.kind for r in ctx.regions if r.status == "rewritten"} == {"mlp"}
 

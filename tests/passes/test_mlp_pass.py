@@ -71,9 +71,10 @@ def test_regions_record_the_nodes_and_chunks():
     _, ctx, _ = rewrite(GatedMLP(h=16, i=48), torch.randn(2, 8, 16), config=mst_compile.MSTConfig(min_chunk_tokens=1))
     (r,) = _mlp_regions(ctx, "rewritten")
     assert r.chunks == "6"  # auto: (48 + 48) / 16 widened features per input feature
-    _, ctx, _ = rewrite(GatedMLP(h=16, i=48), torch.randn(2, 8, 16))
-    assert _mlp_regions(ctx, "rewritten")[0].chunks == "1"  # 16 tokens: below min_chunk_tokens, one chunk
     assert len(r.nodes) == 5  # gate, silu, up, mul, down
+    _, ctx, _ = rewrite(GatedMLP(h=16, i=48), torch.randn(2, 8, 16), config=mst_compile.MSTConfig())
+    (r,) = _mlp_regions(ctx, "skipped")  # 16 tokens: one chunk under the minimum, left whole
+    assert "NOTE [one chunk is whole]" in r.reason, r.reason
 
 
 def test_memory_budget_sets_the_chunk_size():
