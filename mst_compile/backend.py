@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import warnings
 
@@ -76,7 +77,9 @@ def chain_passes(theirs, mine):
 # model's frame is first compiled; a recompile of it (a new shape, a guard that failed) uses the same settings,
 # as the options passed to torch.compile are. Keyed by the frame, the options and the parameters the graph reads
 # (two models of one class share their frames' code).
-_FRAME_CONFIGS: dict[tuple, MSTConfig] = {}
+# Bounded: the oldest entries go first (a process that compiles many models keeps only the recent frames').
+_FRAME_CONFIGS: collections.OrderedDict[tuple, MSTConfig] = collections.OrderedDict()
+_FRAME_CONFIGS_MAX = 4096
 
 
 def _config(options, example_inputs) -> MSTConfig:
@@ -88,6 +91,9 @@ def _config(options, example_inputs) -> MSTConfig:
     key = (frame, repr(options), params)
     if n == 0 or key not in _FRAME_CONFIGS:  # a first compile (frame ids restart at torch._dynamo.reset())
         _FRAME_CONFIGS[key] = resolve(options)
+        while len(_FRAME_CONFIGS) > _FRAME_CONFIGS_MAX:
+            _FRAME_CONFIGS.popitem(last=False)
+    _FRAME_CONFIGS.move_to_end(key)
     return _FRAME_CONFIGS[key]
 
 

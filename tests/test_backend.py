@@ -378,3 +378,15 @@ def test_a_recompile_keeps_the_settings_of_the_first_compile(monkeypatch):
     other = Block(PlainMLP(i=96))  # another model of the same classes: compiled after the change
     torch.compile(other, backend="mst", options={"compiler": "aot_eager"}, dynamic=False)(torch.randn(2, 6, 16))
     assert {r.chunks for r in mst_compile.last_report(other).rewritten()} == {"3"}
+
+
+def test_frame_settings_are_bounded(monkeypatch):
+    """NOTE [options fixed per compiled model]: the per-frame settings keep only the most recent frames."""
+    from mst_compile import backend
+
+    monkeypatch.setattr(backend, "_FRAME_CONFIGS", type(backend._FRAME_CONFIGS)())
+    monkeypatch.setattr(backend, "_FRAME_CONFIGS_MAX", 3)
+    for frame in range(5):
+        monkeypatch.setattr(backend._compat, "compile_id", lambda frame=frame: (frame, 0))
+        backend._config({"num_chunks": 2}, [])
+    assert [k[0] for k in backend._FRAME_CONFIGS] == [2, 3, 4]
