@@ -1,6 +1,7 @@
 """The one chunk plan (``mst_compile.plan``): CPU policy, CUDA policy (detection only, no kernel), fixed options."""
 
 import pytest
+import torch
 
 import mst_compile
 from mst_compile.plan import CUDA_MIN_ROWS, chunk_plan
@@ -44,3 +45,20 @@ def test_fixed_settings_win_on_every_device():
         p = chunk_plan(mst_compile.MSTConfig(chunk_tokens=300), rows=1000, device_type=dev, device_memory=GIB,
                        **LLAMA8B_MLP)  # fmt: skip
         assert (p.chunk_rows, p.label) == (300, "4")
+
+
+def test_a_head_with_an_op_by_op_tail_gets_smaller_chunks():
+    """NOTE [tail temporaries]: a softcapped head's chunk holds several [rows, vocab] temporaries, so its
+    automatic chunks are smaller (256 tokens, the floor) than a plain head's (512) at the same vocabulary."""
+    import mst_compile
+    from tests.conftest import regions, rewrite
+    from tests.modules import LMHead
+
+    hs, y = torch.randn(1, 2048, 16), torch.randint(0, 32000, (1, 2048))
+    chunks = {}
+    for name, head in (("plain", LMHead(h=16, v=32000)), ("softcap", LMHead(h=16, v=32000, softcap=5.0))):
+        with torch.no_grad():
+            _, ctx, _ = rewrite(head, hs, y, config=mst_compile.MSTConfig())
+        (r,) = regions(ctx, "head", "rewritten")
+        chunks[name] = r.chunks
+    assert chunks == {"plain": "4", "softcap": "8"}, chunks

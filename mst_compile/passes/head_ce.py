@@ -206,6 +206,17 @@ def _check_target(target, iv) -> None:
         raise CantChunk(f"cross_entropy target of shape {list(tv.shape)} for input {list(iv.shape)}")
 
 
+def _tail_bytes(chain: list[fx.Node], pre, post) -> int:
+    """Bytes per vocabulary entry of one chunk's temporaries. NOTE [tail temporaries]: the fused path keeps one
+    fp32 copy of the chunk's logits; a row-wise tail (softcap, scaling) runs op by op through autograd, which
+    keeps each op's output and makes its gradient, next to the fp32 log-softmax and its gradient. The chunk plan
+    bounds those bytes (Gemma-2 bf16, 2048 tokens, logits returned: 512-token chunks made the step's peak 608 MiB
+    against Inductor's 567)."""
+    if pre.cast_only and post.cast_only:
+        return 4
+    return 8 + 2 * sum(tval(n).element_size() for n in chain if _layout_kind(n) is None and tval(n) is not None)
+
+
 def _row_positions(h):
     """``[*h.shape[:-1], 1]``: each row's flat index, to replay the loss's row selection on."""
     return torch.arange(h.numel() // h.shape[-1], device=h.device).view(*h.shape[:-1], 1)
@@ -323,7 +334,8 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
         mode = "skip" if cfg.logits == "skip" else ("bridge" if any(needs) else "plain")
     # one chunk's fp32 logits about the size of the hidden states (NOTE [auto chunk count])
     rows = math.prod(hv.shape[:-1]) if all(isinstance(d, int) for d in hv.shape[:-1]) else None
-    plan = chunk_plan(cfg, rows=rows, input_size=hidden * hv.element_size(), wide_size=vocab * 4, row_bytes=vocab * 4,
+    row_bytes = vocab * _tail_bytes(pre_nodes + post_nodes, registry.get(pre_key), registry.get(post_key))
+    plan = chunk_plan(cfg, rows=rows, input_size=hidden * hv.element_size(), wide_size=vocab * 4, row_bytes=row_bytes,
                       device_type=hv.device.type, device_index=hv.device.index)  # fmt: skip
     if plan.whole:
         raise CantChunk("the whole logits fit one chunk: left to Inductor (NOTE [one chunk is whole])")
