@@ -10,7 +10,7 @@ from torch._inductor.compile_fx import compile_fx  # noqa: F401
 from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: F401
 from torch._inductor.custom_graph_pass import get_custom_graph_passes as custom_graph_passes  # noqa: F401
 from torch._ops import OpOverload  # noqa: F401
-from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: F401
 
 
 def inductor_config():
@@ -103,3 +103,12 @@ def sym_expr(x):
     """The sympy expression behind a ``SymInt`` / ``SymBool`` (its ShapeEnv symbol); plain values unchanged."""
     node = getattr(x, "node", None)
     return node.expr if node is not None and hasattr(node, "expr") else x
+
+
+def fake_mode_of(values):
+    """The FakeTensorMode of the fake tensors among ``values`` (None if there are none); an error if they mix modes."""
+    modes = {id(v.fake_mode): v.fake_mode for v in values if isinstance(v, FakeTensor)}
+    if len(modes) > 1:
+        raise RuntimeError(f"mst: fake values of {len(modes)} FakeTensorModes in one node's inputs")
+    return next(iter(modes.values()), None)
+

@@ -57,5 +57,7 @@ def regions(ctx, kind: str, status: str | None = None) -> list:
 
 
 def calls(gm, name: str) -> list:
-    """The nodes of ``gm`` that call the Python function named ``name`` (the passes' ``rowwise_call`` etc.)."""
-    return [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == name]
+    """The nodes of ``gm`` that call the op ``torch.ops.mst.<name>`` (``rowwise``, ``linear_ce``) or the
+    function named ``name``."""
+    return [n for n in gm.graph.nodes if n.op == "call_function"
+            and name in (getattr(n.target, "__name__", ""), getattr(n.target, "_opname", ""))]  # fmt: skip

@@ -35,7 +35,7 @@ def test_dump_dir_writes_graphs_before_and_after_each_pass(tmp_path):
     names = sorted(os.listdir(tmp_path))
     assert any(n.endswith("0_input.py") for n in names) and any(n.endswith("mlp.py") for n in names)
     after = open(tmp_path / [n for n in names if n.endswith("mlp.py")][0]).read()
-    assert "rowwise_call" in after
+    assert "torch.ops.mst.rowwise" in after
 
 
 def test_cli_explain(capsys):

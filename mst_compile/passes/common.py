@@ -280,3 +280,48 @@ def region_autocast(nodes, states: dict) -> tuple | None:
     if len(found) > 1:
         raise CantChunk(f"the region crosses an autocast boundary ({sorted(map(str, found))})")
     return found.pop() if found else None
+
+
+# NOTE [cacheable graph]: a rewritten graph calls only ``torch.ops.mst.*`` / aten OpOverloads, builtins
+# (``operator.getitem``, ``torch.arange``) and tensor methods (``reshape``, ``view``, ``to``) on nodes that carry
+# a fake value, never a Python function of this package: AOTAutograd's cache (``check_node_safe``) bypasses a
+# graph with any other call, and a cache entry must not depend on code that only this process has. Every node a
+# pass inserts goes through :func:`emit`, which records that fake value.
+def emit(g: fx.Graph, op: str, target, args: tuple, kwargs: dict | None = None, like: fx.Node | None = None) -> fx.Node:
+    """Insert ``op``/``target`` (``call_function`` or ``call_method``) and record its fake value, computed on
+    the inputs' fake values in their FakeTensorMode, or ``like``'s for a node with no tensor input
+    (NOTE [cacheable graph])."""
+    kwargs = kwargs or {}
+    n = g.create_node(op, target, tuple(args), kwargs)
+    refs: list[fx.Node] = []
+    fx.node.map_arg((tuple(args), kwargs), refs.append)
+    fargs, fkwargs = fx.node.map_arg((tuple(args), kwargs), val)
+    leaves: list = []
+    fx.node.map_aggregate([val(r) for r in refs + ([like] if like is not None else [])], lambda v: leaves.append(v))
+    mode = _compat.fake_mode_of(leaves)
+    if mode is None or any(val(r) is None for r in refs):
+        return n  # no fake values to compute from (a graph built by hand): the node is still correct
+    with mode:
+        fn = getattr(fargs[0], target) if op == "call_method" else target
+        n.meta["example_value"] = fn(*(fargs[1:] if op == "call_method" else fargs), **fkwargs)
+    return n
+
+
+def size_args(g: fx.Graph, x: fx.Node, dims) -> list:
+    """``x``'s sizes at ``dims`` as graph arguments: ints where static, ``aten.sym_size.int`` nodes otherwise."""
+    v = tval(x)
+    return [v.shape[d] if isinstance(v.shape[d], int) else emit(g, "call_function", torch.ops.aten.sym_size.int, (x, d))
+            for d in dims]  # fmt: skip
+
+
+def to_rows(g: fx.Graph, x: fx.Node, width: int) -> fx.Node:
+    """``x.reshape(-1, width)``: the ``[tokens, features]`` view the chunked ops take (``x`` itself if 2-D)."""
+    return x if tval(x).dim() == 2 else emit(g, "call_method", "reshape", (x, -1, width))
+
+
+def from_rows(g: fx.Graph, y: fx.Node, like: fx.Node, width: int) -> fx.Node:
+    """``y.view(*like.shape[:-1], width)``: an op's ``[tokens, width]`` result given ``like``'s leading dims."""
+    lv = tval(like)
+    if lv.dim() == 2 and tval(y).dim() == 2:
+        return y
+    return emit(g, "call_method", "view", (y, *size_args(g, like, range(lv.dim() - 1)), width))

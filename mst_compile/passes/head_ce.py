@@ -12,8 +12,9 @@ Before::
 
 After::
 
-    loss, logits = head_call(h, W, None, y, ...)       # mst::linear_ce; logits written chunk by chunk,
-    return loss, logits                                # in the model dtype, only if they are returned
+    out = mst.linear_ce(h.reshape(-1, H), W, None, y.reshape(-1), ...)   # logits written chunk by chunk, in the
+    loss, logits = out[0], out[5].view(*h.shape[:-1], V)                 # model dtype, only if they are returned
+    return loss, logits
 
 NOTE [returned logits]: ``torch.compile(model)`` on an HF model returns the logits next to the loss. An output
 that requires grad gets a zero-filled gradient of its full size in backward when it is unused, so the op
@@ -43,28 +44,30 @@ from .common import (
     skip,
     PassContext,
     bind_cross_entropy,
+    emit,
+    from_rows,
     is_elementwise,
     linear_args,
     numel_bytes,
+    size_args,
+    to_rows,
     tval,
 )
 
 
-def head_call(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing, num_chunks, chunk_rows, needs,
-              want_logits, mean, h_orig=None):  # fmt: skip
-    """What the rewritten graph calls: ``(loss, logits [*h_orig.shape[:-1], V] or an empty tensor)``.
-
-    ``h`` has had the token-layout ops between the projection and the loss replayed on it; ``h_orig`` is the
-    projection's input, whose leading dims the returned logits take.
-    """
-    h2 = h.reshape(-1, h.shape[-1])
-    loss, _count, _dh, _dw, _db, logits = torch.ops.mst.linear_ce(
-        h2, w, b, labels.reshape(-1).to(torch.int64), pre_key, post_key, ignore_index, float(label_smoothing), num_chunks,
-        chunk_rows, needs, want_logits, mean,
-    )  # fmt: skip
-    if want_logits:
-        logits = logits.view(*(h if h_orig is None else h_orig).shape[:-1], w.shape[0])
-    return loss, logits
+def head_nodes(g: fx.Graph, h: fx.Node, w: fx.Node, b, labels: fx.Node, args: tuple, h_orig: fx.Node, vocab: int):
+    """What the rewritten graph runs (NOTE [cacheable graph]): ``(loss, logits [*h_orig.shape[:-1], V] or an empty
+    tensor)`` from ``mst::linear_ce`` on ``h``'s rows. ``h`` has had the token-layout ops between the projection
+    and the loss replayed on it; ``h_orig`` is the projection's input, whose leading dims the logits take.
+    ``args``: the op's arguments after the labels."""
+    h2 = to_rows(g, h, int(tval(w).shape[1]))
+    y = emit(g, "call_method", "reshape", (labels, -1)) if tval(labels).dim() != 1 else labels
+    y = emit(g, "call_method", "to", (y, torch.int64)) if tval(y).dtype != torch.int64 else y
+    call = emit(g, "call_function", torch.ops.mst.linear_ce.default, (h2, w, b, y, *args))
+    loss = emit(g, "call_function", operator.getitem, (call, 0))
+    logits = emit(g, "call_function", operator.getitem, (call, 5))
+    want_logits = args[-2]
+    return loss, (from_rows(g, logits, h_orig, vocab) if want_logits else logits)
 
 
 @dataclass
@@ -217,14 +220,23 @@ def _tail_bytes(chain: list[fx.Node], pre, post) -> int:
     return 8 + 2 * sum(tval(n).element_size() for n in chain if _layout_kind(n) is None and tval(n) is not None)
 
 
-def _row_positions(h):
-    """``[*h.shape[:-1], 1]``: each row's flat index, to replay the loss's row selection on."""
-    return torch.arange(h.numel() // h.shape[-1], device=h.device).view(*h.shape[:-1], 1)
+def _row_positions(g: fx.Graph, h: fx.Node) -> tuple:
+    """``([*h.shape[:-1], 1]``: each row's flat index, to replay the loss's row selection on; the row count)."""
+    hv = tval(h)
+    lead = size_args(g, h, range(hv.dim() - 1))
+    rows = math.prod(lead) if all(isinstance(d, int) for d in lead) else emit(
+        g, "call_function", operator.floordiv, (emit(g, "call_method", "numel", (h,)), int(hv.shape[-1])))  # fmt: skip
+    pos = emit(g, "call_function", torch.arange, (rows,), {"device": hv.device}, like=h)
+    return emit(g, "call_method", "view", (pos, *lead, 1)), rows
 
 
-def _labels_for_all_rows(pos, labels, h, ignore_index):
-    full = torch.full((h.numel() // h.shape[-1],), ignore_index, dtype=labels.dtype, device=labels.device)
-    return full.index_put((pos.reshape(-1),), labels.reshape(-1))
+def _labels_for_all_rows(g: fx.Graph, pos: fx.Node, rows, labels: fx.Node, ignore_index: int) -> fx.Node:
+    """Labels for every row: the loss's label where the loss reads the row, ``ignore_index`` elsewhere."""
+    lv = tval(labels)
+    full = emit(g, "call_function", torch.full, ((rows,), ignore_index), {"dtype": lv.dtype, "device": lv.device},
+                like=labels)  # fmt: skip
+    flat_pos = emit(g, "call_method", "reshape", (pos, -1))
+    return emit(g, "call_method", "index_put", (full, (flat_pos,), emit(g, "call_method", "reshape", (labels, -1))))
 
 
 def _replay_layout(gm: fx.GraphModule, m: HeadMatch, h: fx.Node, hidden: int, vocab: int) -> fx.Node:
@@ -233,13 +245,15 @@ def _replay_layout(gm: fx.GraphModule, m: HeadMatch, h: fx.Node, hidden: int, vo
         kind = _layout_kind(n)
         if kind is None or kind == "contiguous":
             continue
-        new = gm.graph.node_copy(n, lambda a, n=n: cur if a is n.args[0] else a)
         if kind == "view":
             shape = _view_shape(n)
             if shape[-1] == vocab:
                 shape[-1] = hidden
             # the replay skips ``contiguous``, so ``h`` may be a strided slice here: reshape, never view
-            new.target, new.args = "reshape", (cur, *shape)
+            new = emit(gm.graph, "call_method", "reshape", (cur, *shape))
+        else:
+            new = emit(gm.graph, n.op, n.target, (cur, *n.args[1:]), dict(n.kwargs))
+        new.meta.update({k: v for k, v in n.meta.items() if k not in ("example_value", "val")})
         cur = new
     return cur
 
@@ -355,18 +369,15 @@ def _apply(gm: fx.GraphModule, m: HeadMatch, p: HeadPlan, ctx: PassContext, rec:
             # NOTE [returned logits, sliced loss]: the logits are returned for every row while the loss reads a
             # slice of them (a shift: ``logits[..., :-1, :]``). Run every row, and give the rows the loss does
             # not read the label ignore_index: same sum, same count of labels, one pass.
-            pos = _replay_layout(gm, m, g.call_function(_row_positions, (h,)), 1, vocab)
-            target = g.call_function(_labels_for_all_rows, (pos, target, h, m.args["ignore_index"]))
+            pos, rows = _row_positions(g, h)
+            target = _labels_for_all_rows(g, _replay_layout(gm, m, pos, 1, vocab), rows, target, m.args["ignore_index"])
             h_sel = h
         else:
             h_sel = _replay_layout(gm, m, h, hidden, vocab)
-        call = g.call_function(
-            head_call,
-            (h_sel, w, b, target, pre_key, post_key, m.args["ignore_index"], m.args["label_smoothing"],
-             num_chunks, chunk_rows, needs, mode in ("bridge", "plain"), m.args["reduction"] == "mean", h),
+        loss, logits = head_nodes(
+            g, h_sel, w, b, target, (pre_key, post_key, m.args["ignore_index"], float(m.args["label_smoothing"]),
+            num_chunks, chunk_rows, needs, mode in ("bridge", "plain"), m.args["reduction"] == "mean"), h, vocab,
         )  # fmt: skip
-        loss = g.call_function(operator.getitem, (call, 0))
-        logits = g.call_function(operator.getitem, (call, 1))
     loss.meta.update(m.ce.meta)
     m.ce.replace_all_uses_with(loss)
     if m.exposed is not None:

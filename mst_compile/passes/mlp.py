@@ -10,7 +10,7 @@ Before::
 
 After::
 
-    y = rowwise_call(x, [Wg, Wu, Wd], key="mlp:<hash>", num_chunks=M)   # mst::rowwise, opaque to Inductor
+    y = mst.rowwise(x.reshape(-1, H), [Wg, Wu, Wd], "<body spec>", M, 0).view(*x.shape[:-1], H)   # opaque to Inductor
 
 Only ``x`` and the weights are saved for backward; the ``tokens x intermediate`` tensors exist for one chunk
 at a time, in forward and again (recomputed) in backward.
@@ -36,21 +36,26 @@ from .common import (
     skip,
     PassContext,
     check_split_on_last_dim,
+    emit,
     extract_body,
+    from_rows,
     is_elementwise,
     is_getitem_of_split,
     is_split,
     is_weight_like,
     linear_args,
     numel_bytes,
+    to_rows,
     tval,
 )
 
 
-def rowwise_call(x, params, key, num_chunks, chunk_rows):
-    """What the rewritten graph calls: flatten tokens, run the chunked op, restore the leading dims."""
-    out = torch.ops.mst.rowwise(x.reshape(-1, x.shape[-1]), params, key, num_chunks, chunk_rows)
-    return out.view(*x.shape[:-1], out.shape[-1])
+def rowwise_nodes(g: fx.Graph, x: fx.Node, params: list, key: str, num_chunks: int, chunk_rows: int, width: int):
+    """``mst::rowwise`` on ``x``'s tokens as ``[tokens, H]`` rows, and its ``[tokens, width]`` result given ``x``'s
+    leading dims (NOTE [cacheable graph]): ``(op node, result node)``."""
+    call = emit(g, "call_function", torch.ops.mst.rowwise.default,
+                (to_rows(g, x, _width(x)), list(params), key, num_chunks, chunk_rows))  # fmt: skip
+    return call, from_rows(g, call, x, width)
 
 
 def _width(n) -> int | None:
@@ -187,6 +192,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
             if plan.whole:
                 raise CantChunk("the whole intermediate fits one chunk: left to Inductor (NOTE [one chunk is whole])")
             num_chunks, chunk_rows, label = plan.num_chunks, plan.chunk_rows, plan.label
+            if _width(x) is None:
+                raise CantChunk("the input's feature dimension is not static")
             _check_body(ctx, key, x, params, ev)
         except Exception as e:  # noqa: BLE001 - CantChunk, or a bug: either way this region stays as it was
             ctx.claimed.add(start)
@@ -197,7 +204,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
             siblings_of_rejected.update(u for u in linear_args(start)[0].users if _is_expanding(u, ctx))
             continue
         with gm.graph.inserting_before(exit_node):
-            new = gm.graph.call_function(rowwise_call, (x, params, key, num_chunks, chunk_rows))
+            _, new = rowwise_nodes(gm.graph, x, params, key, num_chunks, chunk_rows, int(ev.shape[-1]))
         new.meta.update(exit_node.meta)
         exit_node.replace_all_uses_with(new)
         for n in reversed(region):

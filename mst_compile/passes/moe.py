@@ -11,7 +11,7 @@ a second row-wise output next to the block's output::
 
     y = view(x); logits = linear(y, Wr); ... experts ...; out = sum(view(weighted, T, k, H), 1)
   ->
-    both = rowwise_call(y, [Wr, W_gate_up, W_down], key="moe:<hash>", ...)   # [T, H + E]
+    both = mst.rowwise(y, [Wr, W_gate_up, W_down], "<body spec>", ...)   # [T, H + E]
     out = both[:, :H]; logits = both[:, H:]
 
 Every size that names the token count inside the block (``view(T, k, H)``, ``arange(T * k)``) is re-addressed
@@ -39,8 +39,9 @@ from .. import _compat
 from ..ops import registry
 from ..plan import chunk_plan
 from ..report import Region
-from .common import CantChunk, PassContext, autocast_states, linear_args, numel_bytes, region_autocast, region_grad, skip, tval, val
-from .mlp import rowwise_call
+from .common import (CantChunk, PassContext, autocast_states, emit, linear_args, numel_bytes, region_autocast, region_grad,
+                     skip, tval, val)  # fmt: skip
+from .mlp import rowwise_nodes
 from .moe_layout import Lay, Layouts, NotRowwise, is_fn, is_method, op_name, GROUPED_MM_OPS, GROUPED_MM_FUNCTIONS
 
 MAX_OUTPUTS = 4
@@ -211,10 +212,10 @@ def extract(region: list[fx.Node], outputs: list[fx.Node], x: fx.Node, lays: Lay
     return fx.GraphModule(torch.nn.Module(), g), params, widths
 
 
-def output_slice(y: torch.Tensor, start: int, stop: int, shape: list[int]) -> torch.Tensor:
-    """What the rewritten graph reads for one region output: its columns of the op's result."""
-    part = y[:, start:stop]
-    return part if len(shape) == 1 else part.reshape(-1, *shape)
+def output_slice(g: fx.Graph, y: fx.Node, start: int, stop: int, shape: list[int]) -> fx.Node:
+    """What the rewritten graph reads for one region output: its columns of the op's result, ``[T, *shape]``."""
+    part = emit(g, "call_function", operator.getitem, (y, (slice(None), slice(start, stop))))
+    return part if len(shape) == 1 else emit(g, "call_method", "reshape", (part, -1, *shape))
 
 
 def _check_body(key: str, x: fx.Node, params: list[fx.Node], width: int, dtype) -> None:
@@ -301,16 +302,13 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
 
 def _apply(gm, x, params, key, plan, region, outputs, widths, last_input) -> None:
     g = gm.graph
-    with g.inserting_after(last_input):
-        call = g.call_function(rowwise_call, (x, params, key, plan.num_chunks, plan.chunk_rows))
-    xv = tval(x)
-    call.meta["example_value"] = xv.new_empty((xv.shape[0], sum(widths)), dtype=tval(outputs[0]).dtype)
-    start, prev = 0, call
-    for o, w in zip(outputs, widths):
-        with g.inserting_after(prev):
-            part = g.call_function(output_slice, (call, start, start + w, [int(d) for d in tval(o).shape[1:]]))
-        part.meta.update(o.meta)
-        o.replace_all_uses_with(part)
-        start, prev = start + w, part
+    with g.inserting_before(last_input.next):  # in order: each new node goes right before that one
+        _, call = rowwise_nodes(g, x, params, key, plan.num_chunks, plan.chunk_rows, sum(widths))
+        start = 0
+        for o, w in zip(outputs, widths):
+            part = output_slice(g, call, start, start + w, [int(d) for d in tval(o).shape[1:]])
+            part.meta.update(o.meta)
+            o.replace_all_uses_with(part)
+            start += w
     for n in reversed(region):
         g.erase_node(n)

@@ -16,7 +16,7 @@ def _heads(ctx, status):
 
 
 def _calls(gm):
-    return calls(gm, "head_call")
+    return calls(gm, "linear_ce")
 
 
 @pytest.mark.parametrize(

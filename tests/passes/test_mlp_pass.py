@@ -24,7 +24,7 @@ def _mlp_regions(ctx, status):
 
 
 def _op_calls(gm):
-    return calls(gm, "rowwise_call")
+    return calls(gm, "rowwise")
 
 
 @pytest.mark.parametrize(

@@ -91,7 +91,7 @@ def test_hf_block_is_one_region_and_matches_eager(arch, impl):
     gm, ctx, ex = rewrite(blk, x, config=mst_compile.MSTConfig(num_chunks=3))
     (r,) = regions(ctx, "moe", "rewritten")
     assert r.chunks == "3" and not regions(ctx, "moe", "skipped") and not regions(ctx, "mlp")
-    assert len(calls(gm, "rowwise_call")) == 1
+    assert len(calls(gm, "rowwise")) == 1
     # nothing of the block is left outside the op: no top-k, no sort, no expert matmul
     left = {getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op != "placeholder"}
     assert not left & {"topk", "sort", "bmm", "histc", "repeat_interleave"}, left
