@@ -86,8 +86,9 @@ def install() -> None:
     cfg = _compat.inductor_config()
     if not any(isinstance(p, MSTPreGradPass) for p in _compat.custom_graph_passes(cfg.pre_grad_custom_pass)):
         cfg.pre_grad_custom_pass = chain_passes(cfg.pre_grad_custom_pass, MSTPreGradPass())
-    # NOTE [early timing]: the pass must run on every compile, before Inductor's cache lookup: its chunk bodies
-    # live in this process's registry, which a cache hit from another process would find empty.
+    # NOTE [early timing]: the pass runs on every compile, before Inductor's cache lookup, so every compile
+    # records its report and the cache is keyed on the rewritten graph (its body specs, NOTE [body spec]); a hit
+    # needs nothing from the pass (the graph carries its bodies).
     cfg.pre_grad_pass_timing = "early"
 
 

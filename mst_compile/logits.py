@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .ops.spec import parse
+
 
 class _LogitsGrad(torch.autograd.Function):
     @staticmethod
@@ -73,5 +75,6 @@ def rebuild_outputs(outs, logits_outputs) -> list:
                 result[slot] = _LogitsGrad.apply(result[slot], h, w, b, lo.logits_key, lo.num_chunks, lo.chunk_rows)
             elif lo.mode == "skip":
                 h = ex[0]
-                result[slot] = SkippedLogits((*h.shape[:-1], lo.vocab), lo.dtype, h.device)
+                spec = parse(lo.logits_key)  # NOTE [body spec]: the logits' width and dtype
+                result[slot] = SkippedLogits((*h.shape[:-1], spec.out_features), spec.dtype, h.device)
     return result

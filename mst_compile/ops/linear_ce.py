@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .. import _compat
 from . import registry
 from .chunking import chunk_bounds
+from .spec import parse
 from .accumulate import GradAccumulator
 
 _EMPTY = (0,)
@@ -217,7 +218,7 @@ def _tail_cross_entropy(z, y, pre, post, logits_out, ignore_index: int, eps: flo
 
 @linear_ce.register_fake
 def _(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing, num_chunks, chunk_rows, needs, want_logits, mean):
-    pre, post = registry.get(pre_key), registry.get(post_key)
+    pre, post = parse(pre_key), parse(post_key)  # NOTE [body spec]: no registry lookup in a fake kernel
     need_h, need_w, need_b = needs
     # (NOTE [guarded head]) what the pass matched must be what the op computes; a mismatch fails here, at
     # compile time (the backend then falls back), never inside the compiled step.
@@ -225,12 +226,12 @@ def _(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing, num_chu
     torch._check(labels.dim() == 1 and h.dim() == 2, lambda: "mst::linear_ce takes [rows] labels for [rows, H]")
     torch._check(labels.shape[0] == h.shape[0], lambda: "mst::linear_ce: one label per row")
     return (
-        h.new_empty((), dtype=post.out_dtype or torch.float32),
+        h.new_empty((), dtype=post.dtype or torch.float32),
         labels.new_empty((), dtype=torch.int64),
         h.new_empty(h.shape) if need_h else h.new_empty(_EMPTY),
         w.new_empty(w.shape) if need_w else w.new_empty(_EMPTY),
         b.new_empty(b.shape) if (need_b and b is not None) else h.new_empty(_EMPTY),
-        h.new_empty((h.shape[0], w.shape[0]), dtype=pre.out_dtype or h.dtype) if want_logits else h.new_empty(_EMPTY),
+        h.new_empty((h.shape[0], w.shape[0]), dtype=pre.dtype or h.dtype) if want_logits else h.new_empty(_EMPTY),
     )
 
 

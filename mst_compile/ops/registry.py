@@ -1,10 +1,10 @@
-"""Content-addressed registry of the per-chunk bodies that the chunked ops run.
+"""Registry of the per-chunk bodies that the chunked ops run, keyed by their spec string.
 
 The custom ops are opaque to Inductor and take only tensors and plain values, so the per-chunk math (an
-``fx.GraphModule`` cut out of the user's graph) is registered here and named by a key string that the op
-receives. NOTE [content-addressed keys]: the key is a hash of the body's code and its constants, never a
-counter, so two processes (or two compiles whose FX-graph cache entry is shared) that produce the same
-graph agree on what each key means.
+``fx.GraphModule`` cut out of the user's graph) is named by a :class:`~.spec.BodySpec` string that the op
+receives (NOTE [body spec]). The registry is a cache of ready bodies: a spec it has not seen (the graph was
+compiled in another process) is rebuilt from the spec on first use. NOTE [content-addressed keys]: the key is
+the body's content, never a counter, so two processes that produce the same graph agree on what each key means.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .. import _compat
+from .spec import BodySpec, amp_field, dtype_name, parse, pickle_graph, unpickle_graph
 
 log = logging.getLogger("mst_compile")
 _BODIES: dict[str, "Body"] = {}
@@ -132,6 +133,7 @@ def register(
     kind: str, gm: torch.fx.GraphModule, out_features: int, out_dtype: torch.dtype | None, exit_w=-1, exit_b=-1,
     autocast=None, compiled: bool = False,
 ) -> str:  # fmt: skip
+    """Register ``gm`` as a body; returns its spec string (NOTE [body spec]), which the op receives."""
     # the body's nodes were copied from the user's graph with their metadata: its fake values would keep that
     # compile's FakeTensorMode (and every fake tensor of it) alive as long as the registry holds the body
     for i, n in enumerate(gm.graph.nodes):
@@ -139,39 +141,75 @@ def register(
         if n.op not in ("placeholder", "output"):
             n.name = f"t{i}"  # canonical names: the same body in every layer has the same code, so one key
     gm.recompile()
-    code = gm.code
-    text = f"{kind}|{out_features}|{out_dtype}|{exit_w}|{exit_b}|{autocast}|{compiled}|{code}"
-    key = f"{kind}:{VERSION}:{hashlib.sha1(text.encode()).hexdigest()[:16]}"
-    if key not in _BODIES:
-        _BODIES[key] = Body(gm, out_features, out_dtype, code, exit_w=exit_w, exit_b=exit_b, autocast=autocast,
-                            compiled=compiled)  # fmt: skip
-    return key
+    spec = BodySpec(kind, VERSION, out_features, dtype_name(out_dtype), exit_w, exit_b, amp_field(autocast), compiled,
+                    graph=pickle_graph(gm))  # fmt: skip
+    return _add(spec, lambda: Body(gm, out_features, out_dtype, gm.code, exit_w=exit_w, exit_b=exit_b,
+                                   autocast=autocast, compiled=compiled))  # fmt: skip
+
+
+def _add(spec: BodySpec, make: Callable[[], Body]) -> str:
+    text = spec.dumps()
+    if text not in _BODIES:
+        _BODIES[text] = make()
+    return text
 
 
 def get(key: str) -> Body:
-    try:
-        return _BODIES[key]
-    except KeyError:
+    """The body a spec string names: registered in this process, else rebuilt from the spec (NOTE [body spec])."""
+    body = _BODIES.get(key)
+    if body is None:
+        body = _BODIES[key] = _build(parse(key), key)
+        log.debug("mst: rebuilt chunk body %s (%s) from its spec", parse(key).digest(), parse(key).kind)
+    return body
+
+
+def _build(spec: BodySpec, text: str) -> Body:
+    if spec.version != VERSION:
+        raise RuntimeError(f"mst: a chunk body of mst ops version {spec.version}, these ops are {VERSION}: the "
+                           "compiled graph is stale. Clear the compile caches and compile again.")  # fmt: skip
+    if spec.graph:
+        fn = unpickle_graph(spec.graph)
+        code = fn.code
+    elif spec.kind == "cast":
+        dtype = spec.dtype
+        fn, code = (lambda z: z.to(dtype)), text
+    elif spec.kind == "logits":
+        pre = get(spec.pre).fn
+
+        def fn(hc, w, b=None):
+            return pre(torch.nn.functional.linear(hc, w, b))
+
+        code = text
+    else:
         raise RuntimeError(
-            f"mst: chunk body {key!r} is not registered in this process; the graph that uses it was "
-            "compiled elsewhere. Clear the compile caches (torch._dynamo.reset()) and compile again."
-        ) from None
+            f"mst: chunk body {spec.kind}:{spec.name or spec.digest()} is a Python function registered in another "
+            "process (registry.register_fn) and cannot be rebuilt here; register it in this process first."
+        )
+    return Body(fn, spec.out_features, spec.dtype, code, cast_only=spec.cast_only, exit_w=spec.exit_w,
+                exit_b=spec.exit_b, autocast=spec.amp, compiled=spec.compiled)  # fmt: skip
 
 
 def register_fn(
     kind: str, name: str, fn: Callable, out_features: int = -1, out_dtype=None, exit_w=-1, exit_b=-1, autocast=None
 ) -> str:
-    """Register a plain Python function under ``kind:name`` (the logits body of the head; tests)."""
-    key = f"{kind}:{VERSION}:{name}|{autocast}"
-    _BODIES[key] = Body(fn, out_features, out_dtype, name, exit_w=exit_w, exit_b=exit_b, autocast=autocast)
-    return key
+    """Register a plain Python function as a body named ``name`` (tests, tools): its spec runs only in this
+    process (NOTE [body spec])."""
+    spec = BodySpec(kind, VERSION, out_features, dtype_name(out_dtype), exit_w, exit_b, amp_field(autocast), name=name)
+    text = spec.dumps()
+    _BODIES[text] = Body(fn, out_features, out_dtype, name, exit_w=exit_w, exit_b=exit_b, autocast=autocast)
+    return text
 
 
 def register_cast(dtype: torch.dtype, autocast=None, compiled: bool = False) -> str:
     """The body ``z -> z.to(dtype)`` (the identity when ``z`` already has that dtype). ``compiled`` on the head's
     loss-side cast: the op may run each chunk's cross-entropy as Inductor code (NOTE [compiled bodies])."""
-    key = f"cast:{VERSION}:{dtype}|{autocast}" + ("|compiled" if compiled else "")
-    if key not in _BODIES:
-        _BODIES[key] = Body(lambda z: z.to(dtype), -1, dtype, key, cast_only=True, autocast=autocast,
-                            compiled=compiled)  # fmt: skip
-    return key
+    spec = BodySpec("cast", VERSION, -1, dtype_name(dtype), autocast=amp_field(autocast), compiled=compiled,
+                    cast_only=True)  # fmt: skip
+    return _add(spec, lambda: _build(spec, spec.dumps()))
+
+
+def register_logits(pre: str, vocab: int, dtype: torch.dtype) -> str:
+    """The head's logits as a row-wise body ``(h, w[, b]) -> pre(linear(h, w, b))``, for the logits rebuild's
+    backward (NOTE [returned logits]); ``pre`` is the head's pre body spec."""
+    spec = BodySpec("logits", VERSION, vocab, dtype_name(dtype), autocast=parse(pre).autocast, pre=pre)
+    return _add(spec, lambda: _build(spec, spec.dumps()))

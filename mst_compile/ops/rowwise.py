@@ -19,6 +19,7 @@ from .. import _compat
 from . import registry
 from .accumulate import GradAccumulator
 from .chunking import chunk_bounds
+from .spec import parse
 
 
 @torch.library.custom_op("mst::rowwise", mutates_args=())
@@ -33,8 +34,8 @@ def rowwise(x: torch.Tensor, params: list[torch.Tensor], key: str, num_chunks: i
 
 @rowwise.register_fake
 def _(x, params, key, num_chunks, chunk_rows):
-    body = registry.get(key)
-    return x.new_empty((x.shape[0], body.out_features), dtype=body.out_dtype or x.dtype)
+    spec = parse(key)  # the spec, not the registry: a fake kernel may run where no body was built (NOTE [body spec])
+    return x.new_empty((x.shape[0], spec.out_features), dtype=spec.dtype or x.dtype)
 
 
 @torch.library.custom_op("mst::rowwise_backward", mutates_args=())

@@ -77,9 +77,7 @@ class LogitsOutput:
     slots: list[int]
     mode: str  # "bridge" (re-attach autograd) | "skip" (raise on use) | "plain" (no grad needed)
     extra: list[int]  # indices (in the compiled graph's outputs) of h, w[, b]
-    logits_key: str = ""
-    vocab: int = 0
-    dtype: torch.dtype = torch.float32
+    logits_key: str = ""  # the logits body's spec: also their width and dtype (NOTE [body spec])
     num_chunks: int = 1
     chunk_rows: int = 0
 
@@ -412,22 +410,11 @@ def _route_logits_output(gm, m, ctx, mode, logits, loss, h, w, b, pre_key, num_c
         flat += extras
     out.args = (tuple(flat),)
     lv = tval(m.exposed)
-    logits_key = registry.register_fn(
-        "logits", f"{pre_key}|bias={b is not None}", _logits_body(pre_key), int(lv.shape[-1]), lv.dtype,
-        autocast=registry.get(pre_key).autocast,
-    )  # fmt: skip
+    logits_key = registry.register_logits(pre_key, int(lv.shape[-1]), lv.dtype)
     ctx.logits_outputs.append(
         LogitsOutput(
             slots, mode, list(range(extra_start, extra_start + len(extras))) if mode != "plain" else [],
-            logits_key, int(lv.shape[-1]), lv.dtype, num_chunks, chunk_rows,
+            logits_key, num_chunks, chunk_rows,
         )  # fmt: skip
     )
 
-
-def _logits_body(pre_key: str):
-    pre = registry.get(pre_key).fn
-
-    def body(hc, w, b=None):
-        return pre(torch.nn.functional.linear(hc, w, b))
-
-    return body
