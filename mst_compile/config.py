@@ -143,7 +143,8 @@ _ENV = {
 _default: MSTConfig | None = None
 
 
-def _parse_env(name: str, raw: str):
+def parse_option(name: str, raw: str):
+    """An option's value from text (an environment variable, a command line), typed as the option is."""
     kind = {f.name: f.type for f in dataclasses.fields(MSTConfig)}[name]
     if name == "verify" and raw.lower() in ("warn", "raise"):
         return raw.lower()
@@ -164,7 +165,7 @@ def _parse_env(name: str, raw: str):
 
 
 def from_env() -> MSTConfig:
-    kw = {field_: _parse_env(field_, os.environ[var]) for var, field_ in _ENV.items() if var in os.environ}
+    kw = {field_: parse_option(field_, os.environ[var]) for var, field_ in _ENV.items() if var in os.environ}
     return MSTConfig(**kw)
 
 

@@ -84,6 +84,7 @@ def test_ablate_spec():
 
     assert _ablations("8,16") == [{"num_chunks": 8}, {"num_chunks": 16}]
     assert _ablations("min_chunk_tokens=128,4") == [{"min_chunk_tokens": 128}, {"num_chunks": 4}]
+    assert _ablations("causal_mask=0,recompute=none") == [{"causal_mask": False}, {"recompute": "none"}]
     assert _ablations("") == []
 
 

@@ -53,11 +53,15 @@ def measure(arm: str, form: str, tokens: int, a, options: dict | None = None) ->
 
 
 def _ablations(spec: str) -> list[dict]:
-    """``--ablate 8,16`` -> fixed chunk counts; ``--ablate min_chunk_tokens=128`` -> any mst option."""
+    """``--ablate 8,16`` -> fixed chunk counts; ``--ablate min_chunk_tokens=128`` or ``causal_mask=0`` -> any mst
+    option, its value read as the environment variable's would be."""
+    from ..config import parse_option
+
     out = []
     for item in filter(None, spec.split(",")):
         key, _, value = item.rpartition("=")
-        out.append({key or "num_chunks": int(value)})
+        key = key or "num_chunks"
+        out.append({key: parse_option(key, value)})  # typed as the option is (causal_mask=0 is False)
     return out
 
 
