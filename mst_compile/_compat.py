@@ -112,3 +112,22 @@ def fake_mode_of(values):
         raise RuntimeError(f"mst: fake values of {len(modes)} FakeTensorModes in one node's inputs")
     return next(iter(modes.values()), None)
 
+
+def fx_compile_mode() -> str:
+    """Inductor's FX compile mode (``TORCHINDUCTOR_FX_COMPILE_MODE``): ``normal``, ``serialize`` or ``subprocess``."""
+    from torch._inductor import compile_fx as cfx
+
+    mode = getattr(cfx, "fx_compile_mode", None)
+    return getattr(mode, "name", "normal").lower()
+
+
+def aot_cache_refusal(gm) -> str | None:
+    """Why AOTAutograd's cache would bypass ``gm`` because of one of its nodes (``check_node_safe``), or None."""
+    from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache, check_node_safe
+
+    for n in gm.graph.nodes:
+        try:
+            check_node_safe(n)
+        except BypassAOTAutogradCache as e:
+            return f"{n.format_node()}: {e}"
+    return None

@@ -116,6 +116,7 @@ def mst_backend(gm: fx.GraphModule, example_inputs, options: dict | MSTConfig | 
             warnings.warn(f"mst: {report.fallback}; compiling this graph with plain Inductor", stacklevel=2)
         add_report(report)
         return _inductor(gm, example_inputs, cfg, mode)
+    _note_compile_mode()
     try:
         compiled = _inductor(new_gm, example_inputs, cfg, mode)
     except _compat.restart_exceptions():
@@ -141,3 +142,18 @@ def mst_backend(gm: fx.GraphModule, example_inputs, options: dict | MSTConfig | 
 
 
 mst_backend.__name__ = "mst"
+
+_NOTED_MODES: set[str] = set()
+
+
+def _note_compile_mode() -> None:
+    """NOTE [out-of-process compile]: under ``TORCHINDUCTOR_FX_COMPILE_MODE=subprocess`` (or ``serialize``) Inductor
+    pickles each graph with torch's graph pickler, which accepts only ``aten`` and ``fbgemm`` ops: a graph that
+    calls ``torch.ops.mst.*`` is refused there and Inductor compiles it in this process instead (its own
+    fallback; measured on torch 2.13: same result, no subprocess). Said once per mode, so the user knows why."""
+    fx_mode = _compat.fx_compile_mode()
+    if fx_mode != "normal" and fx_mode not in _NOTED_MODES:
+        _NOTED_MODES.add(fx_mode)
+        log.warning("mst: TORCHINDUCTOR_FX_COMPILE_MODE=%s: torch's graph pickler sends only aten/fbgemm ops out of "
+                    "process, so Inductor compiles mst's rewritten graphs (they call torch.ops.mst.*) in this process",
+                    fx_mode)  # fmt: skip
