@@ -37,7 +37,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_bench_smoke(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "mst_compile.bench", "--model", "llama-tiny", "--tokens", "256", "--steps", "1",
+        [sys.executable, "-m", "mst_compile.bench", "--model", "llama-tiny", "--tokens", "1024", "--steps", "1",
          "--arms", "compile,mst,paper", "--forms", "step", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
