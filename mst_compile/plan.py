@@ -99,6 +99,9 @@ def chunk_plan(cfg, *, rows: int | None, input_size: int, wide_size: int, row_by
         auto = max(1, math.ceil(wide_size / max(input_size, 1)))
         r = min_rows(cfg, row_bytes)
         m, rule = auto, f"{auto}, >= {r} tokens each"
-    if not fixed and isinstance(rows, int) and num_chunks_for(rows, m, r) == 1:  # NOTE [one chunk is whole]
+    if not isinstance(rows, int):
+        return ChunkPlan(m, r, rule)
+    count = num_chunks_for(rows, m, r)
+    if count == 1 and not fixed:  # NOTE [one chunk is whole]
         return ChunkPlan(0, r, "1", whole=True)
-    return ChunkPlan(m, r, str(num_chunks_for(rows, m, r)) if isinstance(rows, int) else rule)
+    return ChunkPlan(m, r, str(count))

@@ -47,6 +47,19 @@ def assert_close_rel(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5, name:
     assert err <= rtol * scale + atol, f"{name}: max abs err {err:.3e} > {rtol} * {scale:.3e} + {atol}"
 
 
+def assert_matches_eager(gm, example_inputs, module, x, upstream):
+    """The rewritten graph's output and its gradients w.r.t. ``x`` and every parameter of ``module`` (for the
+    same ``upstream`` gradient) equal eager's, relative to the reference's scale."""
+    wrt = [x, *module.parameters()]
+    ref = module(x)
+    ref_grads = torch.autograd.grad(ref, wrt, upstream)
+    out = gm(*example_inputs)[0]
+    got = torch.autograd.grad(out, wrt, upstream)
+    assert_close_rel(out, ref, name="out")
+    for g, r in zip(got, ref_grads):
+        assert_close_rel(g, r)
+
+
 def grads(module: torch.nn.Module) -> dict:
     return {n.replace("_orig_mod.", ""): p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
 

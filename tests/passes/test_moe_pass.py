@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import mst_compile
 from mst_compile.bench import moe as moe_bench
-from tests.conftest import assert_close_rel, calls, grads, regions, rewrite
+from tests.conftest import assert_close_rel, assert_matches_eager, calls, grads, regions, rewrite
 
 transformers = pytest.importorskip("transformers")
 
@@ -95,14 +95,7 @@ def test_hf_block_is_one_region_and_matches_eager(arch, impl):
     # nothing of the block is left outside the op: no top-k, no sort, no expert matmul
     left = {getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op != "placeholder"}
     assert not left & {"topk", "sort", "bmm", "histc", "repeat_interleave"}, left
-    g = torch.randn(2, 7, 32)
-    ref = blk(x)
-    ref_g = torch.autograd.grad(ref, [x, *blk.parameters()], g)
-    out = gm(*ex)[0]
-    got_g = torch.autograd.grad(out, [x, *blk.parameters()], g)
-    assert_close_rel(out, ref, name="out")
-    for a, b in zip(got_g, ref_g):
-        assert_close_rel(a, b)
+    assert_matches_eager(gm, ex, blk, x, torch.randn(2, 7, 32))
 
 
 def test_router_logits_are_a_second_output():

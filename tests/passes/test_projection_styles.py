@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.conftest import assert_close_rel, calls, regions, rewrite
+from tests.conftest import assert_matches_eager, calls, regions, rewrite
 
 H, I = 16, 48
 
@@ -88,14 +88,7 @@ def _check(module, x, rewritten=1, skipped=0):
     assert len(regions(ctx, "mlp", "rewritten")) == rewritten, ctx.regions
     assert len(regions(ctx, "mlp", "skipped")) == skipped, ctx.regions
     assert len(calls(gm, "rowwise")) == rewritten
-    upstream = torch.randn_like(module(x))
-    ref = module(x)
-    ref_grads = torch.autograd.grad(ref, [x, *module.parameters()], upstream)
-    out = gm(*ex)[0]
-    got = torch.autograd.grad(out, [x, *module.parameters()], upstream)
-    assert_close_rel(out, ref, name="out")
-    for g, r in zip(got, ref_grads):
-        assert_close_rel(g, r)
+    assert_matches_eager(gm, ex, module, x, torch.randn_like(module(x)))
     return gm
 
 
