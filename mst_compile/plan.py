@@ -36,6 +36,15 @@ MIN_ROWS, LOWEST_MIN_ROWS, MIN_ROWS_MIB = 512, 256, 64
 # Gemma-2's softcapped head 128 vs 65 MiB). Short sequences so compile as torch.compile would. A count the user
 # fixed is kept, one chunk included.
 
+# NOTE [chunking pays]: with low-precision weights, a run of several chunks keeps an fp32 accumulator per weight
+# gradient (NOTE [weight-gradient accumulation]): 4 bytes per weight element that a whole region does not
+# need. A region whose caller counts that cost (``fixed_bytes``, with ``whole_row_bytes``: what Inductor holds
+# per token of the whole region) is chunked only when one chunk plus the accumulator is smaller than the whole
+# region. The head counts it: its gradient-in-forward loop frees each chunk at once, so its intermediate is all
+# it bounds (llama-small, bf16, 1024 tokens: 2 chunks of 512 made the step's peak 196 MiB against Inductor's
+# 146). The MLP does not: its chunks also drop each layer's saved intermediates until backward, a saving one
+# region's rows do not show.
+
 # NOTE [CUDA chunk plan]: on a GPU the per-chunk weight-gradient update (V x H, or I x H, read and written per
 # chunk) is memory-bound below ~1200 tokens on an H100, and GEMMs run best on row counts that are multiples of
 # 128. So chunks are as large as a budget allows (a fraction of the device's memory per chunk's intermediate),
@@ -44,6 +53,10 @@ MIN_ROWS, LOWEST_MIN_ROWS, MIN_ROWS_MIB = 512, 256, 64
 # Not measured on a GPU yet (no device lent so far): the constants are the estimate, the benchmark's
 # ``gpu-check`` measures them.
 CUDA_BUDGET_FRACTION, CUDA_MIN_ROWS, CUDA_ROW_MULTIPLE = 1 / 64, 1024, 128
+
+
+ONE_CHUNK = "it fits one chunk (NOTE [one chunk is whole])"
+NOT_PAYING = "chunking would save less than its fp32 gradient accumulator costs (NOTE [chunking pays])"
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,7 @@ class ChunkPlan:
     chunk_rows: int
     label: str
     whole: bool = False
+    why: str = ""  # a whole plan's reason
 
     def rows_in_first_chunk(self, tokens: int) -> int:
         start, stop = chunk_bounds(tokens, self.num_chunks, self.chunk_rows)[0]
@@ -77,8 +91,11 @@ def _cuda_memory(device_index: int | None) -> int:
 
 
 def chunk_plan(cfg, *, rows: int | None, input_size: int, wide_size: int, row_bytes: int, device_type: str = "cpu",
-               device_memory: int | None = None, device_index: int | None = None) -> ChunkPlan:  # fmt: skip
-    """The plan for a region of ``rows`` tokens (``None`` when dynamic) under config ``cfg``."""
+               device_memory: int | None = None, device_index: int | None = None, fixed_bytes: int = 0,
+               whole_row_bytes: int | None = None) -> ChunkPlan:  # fmt: skip
+    """The plan for a region of ``rows`` tokens (``None`` when dynamic) under config ``cfg``; ``fixed_bytes``:
+    what running several chunks costs whatever their count, ``whole_row_bytes``: what the region left whole
+    holds per token (NOTE [chunking pays])."""
     row_bytes = max(int(row_bytes), 1)
     fixed = bool(cfg.num_chunks or cfg.chunk_tokens or cfg.chunk_memory_mib)
     if cfg.num_chunks:
@@ -88,13 +105,22 @@ def chunk_plan(cfg, *, rows: int | None, input_size: int, wide_size: int, row_by
     elif cfg.chunk_memory_mib:
         r = max(1, int(cfg.chunk_memory_mib * 2**20 // row_bytes))
         m, rule = 0, f"one per {r} tokens (<= {cfg.chunk_memory_mib:g} MiB each)"
-    elif device_type == "cuda":  # NOTE [CUDA chunk plan]
+    elif device_type == "cuda":  # NOTE [chunking pays]: with low-precision weights, a run of several chunks keeps an fp32 accumulator per weight
+# gradient (NOTE [weight-gradient accumulation]): 4 bytes per weight element that a whole region does not
+# need. A region whose caller counts that cost (``fixed_bytes``, with ``whole_row_bytes``: what Inductor holds
+# per token of the whole region) is chunked only when one chunk plus the accumulator is smaller than the whole
+# region. The head counts it: its gradient-in-forward loop frees each chunk at once, so its intermediate is all
+# it bounds (llama-small, bf16, 1024 tokens: 2 chunks of 512 made the step's peak 196 MiB against Inductor's
+# 146). The MLP does not: its chunks also drop each layer's saved intermediates until backward, a saving one
+# region's rows do not show.
+
+# NOTE [CUDA chunk plan]
         budget = (device_memory if device_memory is not None else _cuda_memory(device_index)) * CUDA_BUDGET_FRACTION
         fit = int(budget // row_bytes) // CUDA_ROW_MULTIPLE * CUDA_ROW_MULTIPLE
         r = cfg.min_chunk_tokens or max(CUDA_MIN_ROWS, fit)
         m, rule = 0, f"one per {r} tokens (<= {budget / 2**20:.0f} MiB each)"
         if isinstance(rows, int) and rows * row_bytes <= budget and cfg.min_chunk_tokens is None:
-            return ChunkPlan(0, r, "1", whole=True)
+            return ChunkPlan(0, r, "1", whole=True, why=ONE_CHUNK)
     else:
         auto = max(1, math.ceil(wide_size / max(input_size, 1)))
         r = min_rows(cfg, row_bytes)
@@ -102,6 +128,11 @@ def chunk_plan(cfg, *, rows: int | None, input_size: int, wide_size: int, row_by
     if not isinstance(rows, int):
         return ChunkPlan(m, r, rule)
     count = num_chunks_for(rows, m, r)
-    if count == 1 and not fixed:  # NOTE [one chunk is whole]
-        return ChunkPlan(0, r, "1", whole=True)
-    return ChunkPlan(m, r, str(count))
+    plan = ChunkPlan(m, r, str(count))
+    if not fixed and count == 1:
+        return ChunkPlan(0, r, "1", whole=True, why=ONE_CHUNK)
+    if not fixed and fixed_bytes and whole_row_bytes is not None and (
+        plan.rows_in_first_chunk(rows) * row_bytes + fixed_bytes >= rows * whole_row_bytes
+    ):
+        return ChunkPlan(0, r, "1", whole=True, why=NOT_PAYING)
+    return plan

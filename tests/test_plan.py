@@ -62,3 +62,35 @@ def test_a_head_with_an_op_by_op_tail_gets_smaller_chunks():
         (r,) = regions(ctx, "head", "rewritten")
         chunks[name] = r.chunks
     assert chunks == {"plain": "4", "softcap": "8"}, chunks
+
+
+def test_chunking_is_kept_only_where_it_pays_for_its_accumulator():
+    """NOTE [chunking pays]: llama-small's head (H=512, V=32000) with bf16 weights at 1024 tokens: one chunk
+    (512 rows x 6 bytes x V) plus its weight gradient's fp32 accumulator (4 bytes x V x H) is more than the whole
+    head's bf16 logits and gradient (1024 x 4 bytes x V): whole. At 8192 tokens it is chunked, and without the
+    accumulator's cost (fp32 weights) it is chunked at 1024 too."""
+    cfg = mst_compile.MSTConfig()
+    head = dict(input_size=512 * 2, wide_size=32000 * 4, row_bytes=32000 * 6, fixed_bytes=4 * 32000 * 512,
+                whole_row_bytes=32000 * 4)  # fmt: skip
+    p = chunk_plan(cfg, rows=1024, **head)
+    assert p.whole and "NOTE [chunking pays]" in p.why, p
+    assert not chunk_plan(cfg, rows=8192, **head).whole
+    assert not chunk_plan(cfg, rows=1024, **{**head, "fixed_bytes": 0}).whole
+    assert not chunk_plan(mst_compile.MSTConfig(num_chunks=2), rows=1024, **head).whole  # a fixed count is kept
+
+
+def test_a_bf16_head_counts_its_accumulator_and_its_gradient_copy():
+    """The pass gives the plan what its op really holds (NOTE [tail temporaries], NOTE [chunking pays]): bf16 head
+    weights that need a gradient leave a short head whole where fp32 weights, or a frozen bf16 head, are chunked."""
+    from tests.conftest import regions, rewrite
+    from tests.modules import LMHead
+
+    y = torch.randint(0, 4000, (1, 1024))
+    status = {}
+    for name, dtype, grad in (("bf16", torch.bfloat16, True), ("fp32", torch.float32, True),
+                              ("bf16 frozen", torch.bfloat16, False)):  # fmt: skip
+        head = LMHead(h=512, v=4000).to(dtype).requires_grad_(grad)
+        hs = torch.randn(1, 1024, 512, dtype=dtype, requires_grad=True)
+        _, ctx, _ = rewrite(head, hs, y, config=mst_compile.MSTConfig())
+        status[name] = [r.status for r in ctx.regions if r.kind == "head"]
+    assert status == {"bf16": ["skipped"], "fp32": ["rewritten"], "bf16 frozen": ["rewritten"]}, status

@@ -44,11 +44,14 @@ def _cfg(model):
     return c.hidden_size, heads * head_dim, kv * head_dim, heads, c.intermediate_size, c.num_hidden_layers, c.vocab_size
 
 
-def chunk_rows(tokens: int, hidden: int, width: int, row_bytes: int) -> int:
+def chunk_rows(tokens: int, hidden: int, width: int, row_bytes: int, fixed_bytes: int = 0,
+               whole_row_bytes: int | None = None) -> int:  # fmt: skip
     """Rows in the first (largest) chunk under mst's automatic policy on the CPU (``plan.chunk_plan``, the one
-    the passes use): ``width / hidden`` chunks, never fewer than the policy's minimum tokens each."""
-    plan = chunk_plan(MSTConfig(), rows=tokens, input_size=hidden, wide_size=width, row_bytes=row_bytes)
-    return plan.rows_in_first_chunk(tokens)
+    the passes use): ``width / hidden`` chunks, never fewer than the policy's minimum tokens each; all the
+    tokens when the region is left whole."""
+    plan = chunk_plan(MSTConfig(), rows=tokens, input_size=hidden, wide_size=width, row_bytes=row_bytes,
+                      fixed_bytes=fixed_bytes, whole_row_bytes=whole_row_bytes)  # fmt: skip
+    return tokens if plan.whole else plan.rows_in_first_chunk(tokens)
 
 
 def floor_mib(model, tokens: int, checkpointing: bool = False, logits_returned: bool = False,
@@ -67,8 +70,11 @@ def floor_mib(model, tokens: int, checkpointing: bool = False, logits_returned: 
     per_layer = tokens * ((h + norms + q_width + h) * elem + heads * 4) + (0 if recompute == "attention" else qkv)
     final = tokens * 2 * h * elem + (qkv if recompute == "attention" else 0)
     saved = (layers * tokens * h * elem + per_layer) if checkpointing else layers * per_layer
-    head_rows = chunk_rows(tokens, h, vocab * 4 // elem, vocab * 4)
+    # the head's plan as the pass makes it (NOTE [tail temporaries], NOTE [chunking pays])
+    head_bytes, head_whole = vocab * (4 if elem >= 4 else 4 + elem), 2 * vocab * elem
+    head_rows = chunk_rows(tokens, h, vocab * 4 // elem, head_bytes, 0 if elem >= 4 else 4 * vocab * h, head_whole)
+    head = tokens * head_whole if head_rows == tokens else head_rows * head_bytes
     mlp_rows = chunk_rows(tokens, h, 2 * inter, 3 * inter * elem)
-    chunk = max(head_rows * vocab * 4, mlp_rows * 3 * inter * elem)
+    chunk = max(head, mlp_rows * 3 * inter * elem)
     out = tokens * vocab * elem if logits_returned else 0
     return (grads + saved + final + chunk + out) / MIB

@@ -7,8 +7,11 @@ the parameter's gradient. Rules, the same in ``mst::rowwise_backward`` and ``mst
   the first chunk (beta = 0: no zero-fill, no add) and updated in place by the next ones: ``addmm_`` when the
   GEMM's inputs have the accumulator's dtype; on CUDA a low-precision GEMM with fp32 output
   (``out_dtype=torch.float32``) straight into the accumulator where this torch supports it, so partial sums are
-  never rounded to bf16 and no weight-sized temporary is made; elsewhere the GEMM in its own dtype and an
-  fp32 add (probed once per device and dtype, :func:`_fp32_out_gemm`).
+  never rounded to bf16 and no weight-sized temporary is made; elsewhere (the CPU) the GEMM in its own dtype
+  and an fp32 add, a block of the weight's rows at a time, so the temporary stays under ``BLOCK_BYTES``
+  (probed once per device and dtype, :func:`_fp32_out_gemm`).
+The fp32 accumulator is the one memory cost chunking adds (4 bytes per weight element beside the gradient);
+the head's chunk plan weighs it (NOTE [chunking pays]).
 """
 
 from __future__ import annotations
@@ -22,6 +25,15 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
     """Gradients of low-precision parameters are accumulated across chunks in fp32."""
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
+
+def accumulator_bytes(params) -> int:
+    """What accumulating these parameters' gradients over several chunks costs beyond the gradients themselves:
+    an fp32 accumulator for each low-precision one (NOTE [chunking pays])."""
+    return sum(4 * p.numel() for p in params if p is not None and acc_dtype(p) != p.dtype)
+
+
+#: the largest low-precision GEMM temporary the fallback path makes (a block of the weight's rows)
+BLOCK_BYTES = 4 * 2**20
 
 #: the fp32-output GEMMs may be turned off (the benchmark's ``gpu-check`` measures both ways)
 FP32_OUTPUT_GEMM = True
@@ -46,6 +58,14 @@ def _fp32_out_gemm_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+def _blocked(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, write) -> None:
+    """``write(acc[rows], a[rows] @ b)`` a block of rows at a time (the low-precision GEMM's temporary stays
+    under ``BLOCK_BYTES``)."""
+    step = max(1, BLOCK_BYTES // max(b.shape[1] * a.element_size(), 1))
+    for s in range(0, a.shape[0], step):
+        write(acc[s : s + step], torch.mm(a[s : s + step], b))
+
+
 class GradAccumulator:
     """``add_mm(a, b)`` / ``add(g)`` once per chunk, then ``result()``: the gradient in the parameter's dtype."""
 
@@ -57,16 +77,19 @@ class GradAccumulator:
     def add_mm(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """``+= a @ b``."""
         if self.acc is None:  # the first chunk writes (beta = 0)
-            if a.dtype != self.acc_dtype and _fp32_out_gemm(a.device.type, a.dtype):
+            if a.dtype == self.acc_dtype:
+                self.acc = torch.mm(a, b)
+            elif _fp32_out_gemm(a.device.type, a.dtype):
                 self.acc = torch.mm(a, b, out_dtype=self.acc_dtype)
             else:
-                self.acc = torch.mm(a, b).to(self.acc_dtype)
+                self.acc = torch.empty((a.shape[0], b.shape[1]), dtype=self.acc_dtype, device=a.device)
+                _blocked(self.acc, a, b, torch.Tensor.copy_)
         elif a.dtype == self.acc.dtype:
             self.acc.addmm_(a, b)
         elif _fp32_out_gemm(a.device.type, a.dtype):
             torch.addmm(self.acc, a, b, out_dtype=self.acc.dtype, out=self.acc)
         else:
-            self.acc.add_(torch.mm(a, b))
+            _blocked(self.acc, a, b, torch.Tensor.add_)
 
     def add(self, g: torch.Tensor | None) -> None:
         """``+= g`` (a bias's row sum, an autograd gradient)."""

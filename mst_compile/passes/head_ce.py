@@ -34,6 +34,7 @@ from torch import fx
 
 from .. import _compat
 from ..ops import registry
+from ..ops.accumulate import accumulator_bytes
 from ..plan import chunk_plan
 from ..report import Region
 from .common import (
@@ -207,14 +208,16 @@ def _check_target(target, iv) -> None:
         raise CantChunk(f"cross_entropy target of shape {list(tv.shape)} for input {list(iv.shape)}")
 
 
-def _tail_bytes(chain: list[fx.Node], pre, post) -> int:
+def _tail_bytes(chain: list[fx.Node], pre, post, logits_dtype: torch.dtype) -> int:
     """Bytes per vocabulary entry of one chunk's temporaries. NOTE [tail temporaries]: the fused path keeps one
-    fp32 copy of the chunk's logits; a row-wise tail (softcap, scaling) runs op by op through autograd, which
-    keeps each op's output and makes its gradient, next to the fp32 log-softmax and its gradient. The chunk plan
-    bounds those bytes (Gemma-2 bf16, 2048 tokens, logits returned: 512-token chunks made the step's peak 608 MiB
-    against Inductor's 567)."""
+    fp32 copy of the chunk's logits, and for low-precision logits their gradient in that dtype beside it (the
+    compiled cross-entropy writes only the gradient next to the logits); a row-wise tail (softcap, scaling) runs
+    op by op through autograd, which keeps each op's output and makes its gradient, next to the fp32 log-softmax
+    and its gradient. The chunk plan bounds those bytes (Gemma-2 bf16, 2048 tokens, logits returned: 512-token
+    chunks made the step's peak 608 MiB against Inductor's 567)."""
     if pre.cast_only and post.cast_only:
-        return 4
+        elt = torch.empty((), dtype=logits_dtype).element_size()
+        return 4 if elt >= 4 else (2 * elt if post.compiled else 4 + elt)
     return 8 + 2 * sum(tval(n).element_size() for n in chain if _layout_kind(n) is None and tval(n) is not None)
 
 
@@ -346,11 +349,13 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
         mode = "skip" if cfg.logits == "skip" else ("bridge" if any(needs) else "plain")
     # one chunk's fp32 logits about the size of the hidden states (NOTE [auto chunk count])
     rows = math.prod(hv.shape[:-1]) if all(isinstance(d, int) for d in hv.shape[:-1]) else None
-    row_bytes = vocab * _tail_bytes(pre_nodes + post_nodes, registry.get(pre_key), registry.get(post_key))
+    row_bytes = vocab * _tail_bytes(pre_nodes + post_nodes, registry.get(pre_key), registry.get(post_key), lv.dtype)
     plan = chunk_plan(cfg, rows=rows, input_size=hidden * hv.element_size(), wide_size=vocab * 4, row_bytes=row_bytes,
-                      device_type=hv.device.type, device_index=hv.device.index)  # fmt: skip
+                      device_type=hv.device.type, device_index=hv.device.index,
+                      fixed_bytes=accumulator_bytes([v for v, n in zip((wv, tval(b)), needs[1:]) if n]),
+                      whole_row_bytes=vocab * 2 * lv.element_size())  # logits and their gradient (NOTE [chunking pays])  # fmt: skip
     if plan.whole:
-        raise CantChunk("the whole logits fit one chunk: left to Inductor (NOTE [one chunk is whole])")
+        raise CantChunk(f"the whole logits are left to Inductor: {plan.why}")
     return HeadPlan(pre_key, post_key, needs, mode, plan.num_chunks, plan.chunk_rows, plan.label)
 
 

@@ -95,3 +95,22 @@ def test_the_ops_make_no_zero_filled_weight_buffers(chunks):
     zeros = [e for e in prof.events() if e.name in ("aten::zeros", "aten::zero_")
              and any(tuple(s) in weight_shapes for s in e.input_shapes if s)]  # fmt: skip
     assert not zeros, [(e.name, e.input_shapes) for e in zeros]
+
+
+def test_low_precision_fallback_adds_a_block_of_rows_at_a_time(monkeypatch):
+    """Where no fp32-output GEMM exists (the CPU), each chunk's bf16 GEMM runs a block of the weight's rows at a
+    time, so its temporary stays under ``BLOCK_BYTES`` instead of one weight-sized bf16 tensor per chunk."""
+    from mst_compile.ops import accumulate
+
+    monkeypatch.setattr(accumulate, "BLOCK_BYTES", 4 * 16 * 2)  # 4 rows of 16 bf16 columns
+    parts = _parts(torch.bfloat16)
+    acc = GradAccumulator(torch.empty(24, 16, dtype=torch.bfloat16), num_chunks=len(parts))
+
+    def run():
+        for a, b in parts:
+            acc.add_mm(a, b)
+
+    ops = _ops(run)
+    assert ops.count("aten::mm") == len(parts) * 24 // 4
+    ref = sum(torch.mm(a, b).float() for a, b in parts)
+    torch.testing.assert_close(acc.result(), ref.to(torch.bfloat16), rtol=0, atol=0)
