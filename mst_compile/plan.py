@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .ops.chunking import chunk_bounds, num_chunks_for
+from .ops.chunking import Chunks, num_chunks_for
 
 # NOTE [auto chunk count]: one chunk's widened tensors about the size of the region's input:
 # M = wide_size / input_size (the MLP: sum of widened widths / H; the head: fp32 logits / hidden states).
@@ -48,16 +48,15 @@ CUDA_BUDGET_FRACTION, CUDA_MIN_ROWS, CUDA_ROW_MULTIPLE = 1 / 64, 1024, 128
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """What the chunked op is given (``num_chunks``, ``chunk_rows``: see ``ops.chunking.num_chunks_for``), how
-    the report names it, and whether the region is better left whole."""
+    """What the chunked op is given (``chunks``, in its spec), how the report names it, and whether the region
+    is better left whole."""
 
-    num_chunks: int
-    chunk_rows: int
+    chunks: Chunks
     label: str
     whole: bool = False
 
     def rows_in_first_chunk(self, tokens: int) -> int:
-        start, stop = chunk_bounds(tokens, self.num_chunks, self.chunk_rows)[0]
+        start, stop = self.chunks.bounds(tokens)[0]
         return stop - start
 
 
@@ -94,14 +93,14 @@ def chunk_plan(cfg, *, rows: int | None, input_size: int, wide_size: int, row_by
         r = cfg.min_chunk_tokens or max(CUDA_MIN_ROWS, fit)
         m, rule = 0, f"one per {r} tokens (<= {budget / 2**20:.0f} MiB each)"
         if isinstance(rows, int) and rows * row_bytes <= budget and cfg.min_chunk_tokens is None:
-            return ChunkPlan(0, r, "1", whole=True)
+            return ChunkPlan(Chunks(0, r), "1", whole=True)
     else:
         auto = max(1, math.ceil(wide_size / max(input_size, 1)))
         r = min_rows(cfg, row_bytes)
         m, rule = auto, f"{auto}, >= {r} tokens each"
     if not isinstance(rows, int):
-        return ChunkPlan(m, r, rule)
+        return ChunkPlan(Chunks(m, r), rule)
     count = num_chunks_for(rows, m, r)
     if count == 1 and not fixed:  # NOTE [one chunk is whole]
-        return ChunkPlan(0, r, "1", whole=True)
-    return ChunkPlan(m, r, str(count))
+        return ChunkPlan(Chunks(0, r), "1", whole=True)
+    return ChunkPlan(Chunks(m, r), str(count))

@@ -12,8 +12,8 @@ Before::
 
 After::
 
-    out = mst.linear_ce(h.reshape(-1, H), W, None, y.reshape(-1), ...)   # logits written chunk by chunk, in the
-    loss, logits = out[0], out[5].view(*h.shape[:-1], V)                 # model dtype, only if they are returned
+    out = mst.linear_ce(h.reshape(-1, H), W, None, y.reshape(-1), "<head spec>")   # logits written chunk by chunk,
+    loss, logits = out[0], out[5].view(*h.shape[:-1], V)    # in the model dtype, only if they are returned
     return loss, logits
 
 NOTE [returned logits]: ``torch.compile(model)`` on an HF model returns the logits next to the loss. An output
@@ -34,6 +34,7 @@ from torch import fx
 
 from .. import _compat
 from ..ops import registry
+from ..ops.spec import HeadSpec, RowwiseSpec
 from ..plan import chunk_plan
 from ..report import Region
 from .common import (
@@ -55,19 +56,17 @@ from .common import (
 )
 
 
-def head_nodes(g: fx.Graph, h: fx.Node, w: fx.Node, b, labels: fx.Node, args: tuple, h_orig: fx.Node, vocab: int):
+def head_nodes(g: fx.Graph, h: fx.Node, w: fx.Node, b, labels: fx.Node, spec: HeadSpec, h_orig: fx.Node, vocab: int):
     """What the rewritten graph runs (NOTE [cacheable graph]): ``(loss, logits [*h_orig.shape[:-1], V] or an empty
     tensor)`` from ``mst::linear_ce`` on ``h``'s rows. ``h`` has had the token-layout ops between the projection
-    and the loss replayed on it; ``h_orig`` is the projection's input, whose leading dims the logits take.
-    ``args``: the op's arguments after the labels."""
+    and the loss replayed on it; ``h_orig`` is the projection's input, whose leading dims the logits take."""
     h2 = to_rows(g, h, int(tval(w).shape[1]))
     y = emit(g, "call_method", "reshape", (labels, -1)) if tval(labels).dim() != 1 else labels
     y = emit(g, "call_method", "to", (y, torch.int64)) if tval(y).dtype != torch.int64 else y
-    call = emit(g, "call_function", torch.ops.mst.linear_ce.default, (h2, w, b, y, *args))
+    call = emit(g, "call_function", torch.ops.mst.linear_ce.default, (h2, w, b, y, spec.dumps()))  # NOTE [body spec]
     loss = emit(g, "call_function", operator.getitem, (call, 0))
     logits = emit(g, "call_function", operator.getitem, (call, 5))
-    want_logits = args[-2]
-    return loss, (from_rows(g, logits, h_orig, vocab) if want_logits else logits)
+    return loss, (from_rows(g, logits, h_orig, vocab) if spec.want_logits else logits)
 
 
 @dataclass
@@ -77,9 +76,9 @@ class LogitsOutput:
     slots: list[int]
     mode: str  # "bridge" (re-attach autograd) | "skip" (raise on use) | "plain" (no grad needed)
     extra: list[int]  # indices (in the compiled graph's outputs) of h, w[, b]
-    logits_key: str = ""  # the logits body's spec: also their width and dtype (NOTE [body spec])
-    num_chunks: int = 1
-    chunk_rows: int = 0
+    # a RowwiseSpec string: the logits as a row-wise body in the head's chunks, for the rebuild's backward; its
+    # body gives their width and dtype (NOTE [body spec])
+    spec: str
 
 
 def _layout_kind(n: fx.Node) -> str | None:
@@ -310,12 +309,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
 
 @dataclass
 class HeadPlan:
-    pre_key: str
-    post_key: str
-    needs: list
+    spec: HeadSpec
     mode: str  # what happens to returned logits: none | bridge | plain | skip
-    num_chunks: int
-    chunk_rows: int
     label: str
 
 
@@ -337,7 +332,7 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
                      ctx.config.compiles_bodies(hv.device.type))  # fmt: skip
     cfg = ctx.config
     grad = region_grad([m.lin] + m.chain + [m.ce], ctx, m.lin.graph)  # NOTE [grad mode per node]
-    needs = [bool(grad and v is not None and v.requires_grad) for v in (hv, wv, tval(b))]
+    needs = tuple(bool(grad and v is not None and v.requires_grad) for v in (hv, wv, tval(b)))
     mode = "none"
     if m.exposed is not None and not ctx.allow_logits_output and any(needs):
         raise CantChunk("the logits are also returned, and the Inductor-pass mode cannot re-attach their gradient "
@@ -351,15 +346,16 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
                       device_type=hv.device.type, device_index=hv.device.index)  # fmt: skip
     if plan.whole:
         raise CantChunk("the whole logits fit one chunk: left to Inductor (NOTE [one chunk is whole])")
-    return HeadPlan(pre_key, post_key, needs, mode, plan.num_chunks, plan.chunk_rows, plan.label)
+    spec = HeadSpec(pre_key, post_key, m.args["ignore_index"], float(m.args["label_smoothing"]), plan.chunks, needs,
+                    mode in ("bridge", "plain"), m.args["reduction"] == "mean")  # fmt: skip
+    return HeadPlan(spec, mode, plan.label)
 
 
 def _apply(gm: fx.GraphModule, m: HeadMatch, p: HeadPlan, ctx: PassContext, rec: Region) -> None:
     h, w, b = linear_args(m.lin)
     hv, wv, lv = tval(h), tval(w), tval(m.lin)
     vocab, hidden = int(wv.shape[0]), int(wv.shape[1])
-    pre_key, post_key, needs, mode = p.pre_key, p.post_key, p.needs, p.mode
-    num_chunks, chunk_rows, label = p.num_chunks, p.chunk_rows, p.label
+    mode, label = p.mode, p.label
     g = gm.graph
     target = m.args["target"]
     with g.inserting_before(m.ce):
@@ -372,15 +368,12 @@ def _apply(gm: fx.GraphModule, m: HeadMatch, p: HeadPlan, ctx: PassContext, rec:
             h_sel = h
         else:
             h_sel = _replay_layout(gm, m, h, hidden, vocab)
-        loss, logits = head_nodes(
-            g, h_sel, w, b, target, (pre_key, post_key, m.args["ignore_index"], float(m.args["label_smoothing"]),
-            num_chunks, chunk_rows, needs, mode in ("bridge", "plain"), m.args["reduction"] == "mean"), h, vocab,
-        )  # fmt: skip
+        loss, logits = head_nodes(g, h_sel, w, b, target, p.spec, h, vocab)
     loss.meta.update(m.ce.meta)
     m.ce.replace_all_uses_with(loss)
     if m.exposed is not None:
         logits.meta.update(m.exposed.meta)
-        _route_logits_output(gm, m, ctx, mode, logits, loss, h, w, b, pre_key, num_chunks, chunk_rows)
+        _route_logits_output(gm, m, ctx, mode, logits, loss, h, w, b, p.spec)
     for n in reversed([m.lin] + m.chain + [m.ce]):
         g.erase_node(n)
     rec.status, rec.chunks = "rewritten", label
@@ -398,7 +391,7 @@ def _check_tail_inputs(chain: list[fx.Node], lin: fx.Node) -> None:
             raise CantChunk(f"{n.name} mixes the logits with another tensor")
 
 
-def _route_logits_output(gm, m, ctx, mode, logits, loss, h, w, b, pre_key, num_chunks, chunk_rows) -> None:
+def _route_logits_output(gm, m, ctx, mode, logits, loss, h, w, b, head: HeadSpec) -> None:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     flat = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
     slots = [i for i, a in enumerate(flat) if a is m.exposed]
@@ -410,11 +403,7 @@ def _route_logits_output(gm, m, ctx, mode, logits, loss, h, w, b, pre_key, num_c
         flat += extras
     out.args = (tuple(flat),)
     lv = tval(m.exposed)
-    logits_key = registry.register_logits(pre_key, int(lv.shape[-1]), lv.dtype)
-    ctx.logits_outputs.append(
-        LogitsOutput(
-            slots, mode, list(range(extra_start, extra_start + len(extras))) if mode != "plain" else [],
-            logits_key, num_chunks, chunk_rows,
-        )  # fmt: skip
-    )
+    body = registry.register_logits(head.pre, int(lv.shape[-1]), lv.dtype)
+    extra = list(range(extra_start, extra_start + len(extras))) if mode != "plain" else []
+    ctx.logits_outputs.append(LogitsOutput(slots, mode, extra, RowwiseSpec(body, head.chunks).dumps()))
 

@@ -11,7 +11,7 @@ a second row-wise output next to the block's output::
 
     y = view(x); logits = linear(y, Wr); ... experts ...; out = sum(view(weighted, T, k, H), 1)
   ->
-    both = mst.rowwise(y, [Wr, W_gate_up, W_down], "<body spec>", ...)   # [T, H + E]
+    both = mst.rowwise(y, [Wr, W_gate_up, W_down], "<rowwise spec>")   # [T, H + E]
     out = both[:, :H]; logits = both[:, H:]
 
 Every size that names the token count inside the block (``view(T, k, H)``, ``arange(T * k)``) is re-addressed
@@ -303,7 +303,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
 def _apply(gm, x, params, key, plan, region, outputs, widths, last_input) -> None:
     g = gm.graph
     with g.inserting_before(last_input.next):  # in order: each new node goes right before that one
-        _, call = rowwise_nodes(g, x, params, key, plan.num_chunks, plan.chunk_rows, sum(widths))
+        _, call = rowwise_nodes(g, x, params, key, plan.chunks, sum(widths))
         start = 0
         for o, w in zip(outputs, widths):
             part = output_slice(g, call, start, start + w, [int(d) for d in tval(o).shape[1:]])
