@@ -24,31 +24,24 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .. import _compat
-from ..ops import registry
-from ..ops.chunking import Chunks
-from ..ops.spec import RowwiseSpec
-from ..plan import chunk_plan
-from ..report import Region
-from .common import (
-    CantChunk,
-    autocast_states,
-    region_autocast,
-    region_grad,
-    skip,
-    PassContext,
+from ... import _compat
+from ...ops import registry
+from ...ops.chunking import Chunks
+from ...ops.spec import RowwiseSpec
+from ...plan import chunk_plan
+from ...report import Region
+from ..shared import tval
+from .build import emit, extract_body, from_rows, to_rows
+from .context import CantChunk, PassContext, skip
+from .modes import autocast_states, region_autocast, region_grad
+from .nodes import (
     check_split_on_last_dim,
-    emit,
-    extract_body,
-    from_rows,
     is_elementwise,
     is_getitem_of_split,
     is_split,
     is_weight_like,
     linear_args,
     numel_bytes,
-    to_rows,
-    tval,
 )
 
 
