@@ -16,9 +16,9 @@ from . import _compat, ops  # noqa: F401  (ops: registers the mst:: custom ops)
 from .config import MSTConfig, resolve
 from .logits import rebuild_outputs
 from .passes import PassContext, copy_graph_module, run_passes
-from .passes.embedding_grad import EmbeddingGradPass
-from .passes.recompute import RecomputePass
-from .passes.remat import RematPass
+from .passes.aten.embedding_grad import EmbeddingGradPass
+from .passes.aten.recompute import RecomputePass
+from .passes.aten.remat import RematPass
 from .report import Report, add_report
 
 log = logging.getLogger("mst_compile")

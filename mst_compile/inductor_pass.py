@@ -47,13 +47,9 @@ class MSTPreGradPass(_compat.CustomGraphPass):
         add_report(report)
 
     def uuid(self):
-        from . import passes
+        from .passes import dynamo_modules, shared
 
-        from .passes import causal_mask, mask_eval, mask_proof
-
-        src = passes.common.source_hash(passes.head_ce, passes.mlp, passes.normalize, passes.common, causal_mask,
-                                        mask_proof, mask_eval)  # fmt: skip
-        return src + repr(get_config())
+        return shared.source_hash(*dynamo_modules()) + repr(get_config())
 
 
 _graph_ids = itertools.count(1)

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from .ops.spec import parse
+from .ops.spec import RowwiseSpec, parse
 
 
 class _LogitsGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, h, w, b, key, num_chunks, chunk_rows):
+    def forward(ctx, logits, h, w, b, spec):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(h, w, b)
-        ctx.args = (key, num_chunks, chunk_rows)
+        ctx.spec = spec
         # NOTE [logits edited in place]: a fresh tensor over the same storage, not a view of the input: a view
         # made inside a custom Function may not be modified in place (autograd forbids it), while eager's logits
         # may be (``logits.mul_(2)``). The compiled graph holds no other reference to this buffer.
@@ -28,17 +28,15 @@ class _LogitsGrad(torch.autograd.Function):
     def backward(ctx, g):
         h, w, b = ctx.saved_tensors
         if g is None:
-            return (None,) * 7
-        key, num_chunks, chunk_rows = ctx.args
+            return (None,) * 5
         params = [w] if b is None else [w, b]
-        needs = [ctx.needs_input_grad[1], ctx.needs_input_grad[2]] + ([ctx.needs_input_grad[3]] if b is not None else [])
-        res = torch.ops.mst.rowwise_backward(
-            g.reshape(-1, g.shape[-1]), h.reshape(-1, h.shape[-1]), params, key, num_chunks, chunk_rows, needs
-        )
+        needs = list(ctx.needs_input_grad[1 : 2 + len(params)])
+        res = torch.ops.mst.rowwise_backward(g.reshape(-1, g.shape[-1]), h.reshape(-1, h.shape[-1]), params, ctx.spec,
+                                             needs)  # fmt: skip
         gh = res[0].view_as(h) if needs[0] else None
         gw = res[1] if needs[1] else None
         gb = res[2] if b is not None and needs[2] else None
-        return None, gh, gw, gb, None, None, None
+        return None, gh, gw, gb, None
 
 
 class SkippedLogits(torch.Tensor):
@@ -72,9 +70,9 @@ def rebuild_outputs(outs, logits_outputs) -> list:
             if lo.mode == "bridge":
                 h, w = ex[0], ex[1]
                 b = ex[2] if len(ex) > 2 else None
-                result[slot] = _LogitsGrad.apply(result[slot], h, w, b, lo.logits_key, lo.num_chunks, lo.chunk_rows)
+                result[slot] = _LogitsGrad.apply(result[slot], h, w, b, lo.spec)
             elif lo.mode == "skip":
                 h = ex[0]
-                spec = parse(lo.logits_key)  # NOTE [body spec]: the logits' width and dtype
-                result[slot] = SkippedLogits((*h.shape[:-1], spec.out_features), spec.dtype, h.device)
+                body = parse(parse(lo.spec, RowwiseSpec).body)  # NOTE [body spec]: the logits' width and dtype
+                result[slot] = SkippedLogits((*h.shape[:-1], body.out_features), body.dtype, h.device)
     return result

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .ops.chunking import chunk_bounds, num_chunks_for
+from .ops.chunking import Chunks, num_chunks_for
 
 # NOTE [auto chunk count]: one chunk's widened tensors about the size of the region's input:
 # M = wide_size / input_size (the MLP: sum of widened widths / H; the head: fp32 logits / hidden states).
@@ -61,17 +61,16 @@ NOT_PAYING = "chunking would save less than its fp32 gradient accumulator costs 
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """What the chunked op is given (``num_chunks``, ``chunk_rows``: see ``ops.chunking.num_chunks_for``), how
-    the report names it, and whether the region is better left whole."""
+    """What the chunked op is given (``chunks``, in its spec), how the report names it, and whether the region
+    is better left whole."""
 
-    num_chunks: int
-    chunk_rows: int
+    chunks: Chunks
     label: str
     whole: bool = False
     why: str = ""  # a whole plan's reason
 
     def rows_in_first_chunk(self, tokens: int) -> int:
-        start, stop = chunk_bounds(tokens, self.num_chunks, self.chunk_rows)[0]
+        start, stop = self.chunks.bounds(tokens)[0]
         return stop - start
 
 
@@ -105,34 +104,25 @@ def chunk_plan(cfg, *, rows: int | None, input_size: int, wide_size: int, row_by
     elif cfg.chunk_memory_mib:
         r = max(1, int(cfg.chunk_memory_mib * 2**20 // row_bytes))
         m, rule = 0, f"one per {r} tokens (<= {cfg.chunk_memory_mib:g} MiB each)"
-    elif device_type == "cuda":  # NOTE [chunking pays]: with low-precision weights, a run of several chunks keeps an fp32 accumulator per weight
-# gradient (NOTE [weight-gradient accumulation]): 4 bytes per weight element that a whole region does not
-# need. A region whose caller counts that cost (``fixed_bytes``, with ``whole_row_bytes``: what Inductor holds
-# per token of the whole region) is chunked only when one chunk plus the accumulator is smaller than the whole
-# region. The head counts it: its gradient-in-forward loop frees each chunk at once, so its intermediate is all
-# it bounds (llama-small, bf16, 1024 tokens: 2 chunks of 512 made the step's peak 196 MiB against Inductor's
-# 146). The MLP does not: its chunks also drop each layer's saved intermediates until backward, a saving one
-# region's rows do not show.
-
-# NOTE [CUDA chunk plan]
+    elif device_type == "cuda":  # NOTE [CUDA chunk plan]
         budget = (device_memory if device_memory is not None else _cuda_memory(device_index)) * CUDA_BUDGET_FRACTION
         fit = int(budget // row_bytes) // CUDA_ROW_MULTIPLE * CUDA_ROW_MULTIPLE
         r = cfg.min_chunk_tokens or max(CUDA_MIN_ROWS, fit)
         m, rule = 0, f"one per {r} tokens (<= {budget / 2**20:.0f} MiB each)"
         if isinstance(rows, int) and rows * row_bytes <= budget and cfg.min_chunk_tokens is None:
-            return ChunkPlan(0, r, "1", whole=True, why=ONE_CHUNK)
+            return ChunkPlan(Chunks(0, r), "1", whole=True, why=ONE_CHUNK)
     else:
         auto = max(1, math.ceil(wide_size / max(input_size, 1)))
         r = min_rows(cfg, row_bytes)
         m, rule = auto, f"{auto}, >= {r} tokens each"
     if not isinstance(rows, int):
-        return ChunkPlan(m, r, rule)
+        return ChunkPlan(Chunks(m, r), rule)
     count = num_chunks_for(rows, m, r)
-    plan = ChunkPlan(m, r, str(count))
+    plan = ChunkPlan(Chunks(m, r), str(count))
     if not fixed and count == 1:
-        return ChunkPlan(0, r, "1", whole=True, why=ONE_CHUNK)
+        return ChunkPlan(Chunks(0, r), "1", whole=True, why=ONE_CHUNK)
     if not fixed and fixed_bytes and whole_row_bytes is not None and (
         plan.rows_in_first_chunk(rows) * row_bytes + fixed_bytes >= rows * whole_row_bytes
     ):
-        return ChunkPlan(0, r, "1", whole=True, why=NOT_PAYING)
+        return ChunkPlan(Chunks(0, r), "1", whole=True, why=NOT_PAYING)
     return plan

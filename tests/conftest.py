@@ -2,6 +2,8 @@ import pytest
 import torch
 
 import mst_compile
+from mst_compile.ops.chunking import Chunks
+from mst_compile.ops.spec import RowwiseSpec
 from mst_compile.passes import PassContext, run_passes
 
 
@@ -37,6 +39,11 @@ def rewrite(fn, *args, config=None, **kwargs):
     gm, example_inputs = dynamo_graph(fn, *args, **kwargs)
     ctx = PassContext(config or SMALL, torch.is_grad_enabled())
     return run_passes(gm, ctx), ctx, example_inputs
+
+
+def rowwise_spec(key: str, num_chunks: int, chunk_rows: int = 0) -> str:
+    """The ``mst::rowwise`` spec string of body ``key`` in that chunk plan (NOTE [body spec])."""
+    return RowwiseSpec(key, Chunks(num_chunks, chunk_rows)).dumps()
 
 
 def assert_close_rel(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5, name: str = "", atol: float = 1e-8):

@@ -235,7 +235,7 @@ def test_a_pass_that_crashes_falls_back_to_inductor(monkeypatch):
 
 
 def test_a_region_check_that_crashes_skips_only_that_region(monkeypatch):
-    from mst_compile.passes import mlp
+    from mst_compile.passes.dynamo import mlp
 
     real = mlp._check_body
     calls = []
@@ -266,7 +266,7 @@ def test_inductor_patches(monkeypatch, options, recompute, reuse):
     second recompute with it, buffer reuse off (NOTE [buffer reuse]) unless the user's ``inductor`` options say
     otherwise, no horizontal fusion (NOTE [horizontal fusion]); nothing when disabled."""
     import mst_compile.backend as backend
-    from mst_compile.passes.remat import RematPass
+    from mst_compile.passes.aten.remat import RematPass
 
     seen = {}
 

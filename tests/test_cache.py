@@ -18,7 +18,7 @@ import mst_compile
 from mst_compile.ops import registry
 from mst_compile.ops.spec import parse
 
-from tests.conftest import assert_close_rel, calls, rewrite
+from tests.conftest import assert_close_rel, calls, rewrite, rowwise_spec
 from tests.modules import Block, GatedMLP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,7 @@ def test_the_fake_kernel_reads_only_the_spec(monkeypatch):
     monkeypatch.setattr(registry, "_BODIES", {})
     with mst_compile._compat.FakeTensorMode():
         x, w = torch.empty(5, 4), torch.empty(8, 4)
-        y = torch.ops.mst.rowwise(x, [w, w], key, 2, 0)
+        y = torch.ops.mst.rowwise(x, [w, w], rowwise_spec(key, 2))
     assert tuple(y.shape) == (5, 8) and y.dtype == torch.bfloat16
     assert not registry._BODIES  # nothing was built to answer the fake kernel
 
@@ -54,12 +54,12 @@ def test_the_fake_kernel_reads_only_the_spec(monkeypatch):
 def test_a_spec_runs_in_a_process_that_never_registered_it(tmp_path):
     key = registry.register("mlp", _swiglu_body(), 8, None)
     x, wg, wu = torch.randn(7, 4), torch.randn(8, 4), torch.randn(8, 4)
-    torch.save({"key": key, "args": (x, wg, wu)}, tmp_path / "in.pt")
+    torch.save({"spec": rowwise_spec(key, 3), "args": (x, wg, wu)}, tmp_path / "in.pt")
     _python(f"""
 import torch, mst_compile.ops
 d = torch.load({str(tmp_path / 'in.pt')!r})
 x, wg, wu = d["args"]
-torch.save(torch.ops.mst.rowwise(x, [wg, wu], d["key"], 3, 0), {str(tmp_path / 'out.pt')!r})
+torch.save(torch.ops.mst.rowwise(x, [wg, wu], d["spec"]), {str(tmp_path / 'out.pt')!r})
 """)
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), F.silu(x @ wg.t()) * (x @ wu.t()))
 

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 import mst_compile  # noqa: F401
 from mst_compile.ops import registry
-from tests.conftest import rewrite
+from mst_compile.ops.chunking import Chunks
+from mst_compile.ops.spec import HeadSpec
+from tests.conftest import rewrite, rowwise_spec
 
 settings.register_profile("default", max_examples=260, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
@@ -85,7 +87,7 @@ def test_rowwise_mlp_matches_eager(c):
     ref = F.linear(body(x, *params), params[nexit], params[nexit + 1] if c["bias"] else None)
     wanted = [x] + [p for p in params if p.requires_grad]
     ref_g = torch.autograd.grad(ref, wanted, upstream)
-    out = torch.ops.mst.rowwise(x, params, key, *c["chunking"])
+    out = torch.ops.mst.rowwise(x, params, rowwise_spec(key, *c["chunking"]))
     got_g = torch.autograd.grad(out, wanted, upstream)
     torch.testing.assert_close(out, ref)
     for a, b in zip(got_g, ref_g):
@@ -124,9 +126,10 @@ def test_linear_ce_matches_eager(c):
     wanted = [t for t in leaves if t.requires_grad]
     post = registry.register_cast(torch.float64) if c["tail"] == "none" else registry.register_fn(
         "fuzz", c["tail"], tail, -1, torch.float64)  # fmt: skip
-    needs = [bool(hs.requires_grad), bool(w.requires_grad), bool(b is not None and b.requires_grad)]
-    out = torch.ops.mst.linear_ce(hs, w, b, y, registry.register_cast(torch.float64), post, -100, c["smoothing"],
-                                  *c["chunking"], needs, False, c["mean"])[0]  # fmt: skip
+    needs = (bool(hs.requires_grad), bool(w.requires_grad), bool(b is not None and b.requires_grad))
+    spec = HeadSpec(registry.register_cast(torch.float64), post, -100, c["smoothing"], Chunks(*c["chunking"]),
+                    needs, mean=c["mean"])  # fmt: skip
+    out = torch.ops.mst.linear_ce(hs, w, b, y, spec.dumps())[0]
     torch.testing.assert_close(out, ref, equal_nan=True)
     if wanted:
         for a, e in zip(torch.autograd.grad(out, wanted), torch.autograd.grad(ref, wanted)):

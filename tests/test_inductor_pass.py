@@ -31,7 +31,7 @@ def test_a_failing_rewrite_leaves_the_graph_as_it_was(monkeypatch):
     before = gm.code
 
     def broken(g, ctx):
-        mst_compile.passes.mlp.rewrite(g, ctx)
+        mst_compile.passes.dynamo.mlp.rewrite(g, ctx)
         raise RuntimeError("injected")
 
     monkeypatch.setattr(mst_compile.passes, "PASSES", mst_compile.passes.PASSES[:-1] + (("mlp", broken, True),))

@@ -14,7 +14,7 @@ LLAMA8B_MLP = dict(input_size=4096, wide_size=2 * 14336, row_bytes=4 * 14336 * 2
 def test_cpu_policy_is_the_measured_one():
     cfg = mst_compile.MSTConfig()
     p = chunk_plan(cfg, rows=8192, input_size=512, wide_size=2 * 2048, row_bytes=4 * 2048 * 4)
-    assert (p.num_chunks, p.chunk_rows, p.label, p.whole) == (8, 512, "8", False)
+    assert (p.chunks.num_chunks, p.chunks.chunk_rows, p.label, p.whole) == (8, 512, "8", False)
     p = chunk_plan(cfg, rows=8192, input_size=512 * 4, wide_size=32000 * 4, row_bytes=32000 * 4)
     assert p.label == "16" and p.rows_in_first_chunk(8192) == 512
 
@@ -24,10 +24,10 @@ def test_cuda_chunks_are_large_multiples_of_128(region):
     """NOTE [CUDA chunk plan] on an 80 GiB device: chunks of >= 1024 rows, a multiple of 128, under the budget."""
     cfg = mst_compile.MSTConfig()
     p = chunk_plan(cfg, rows=65536, device_type="cuda", device_memory=80 * GIB, **region)
-    assert not p.whole and p.num_chunks == 0
-    assert p.chunk_rows >= CUDA_MIN_ROWS and p.chunk_rows % 128 == 0
-    assert p.chunk_rows * region["row_bytes"] <= 80 * GIB / 64 or p.chunk_rows == CUDA_MIN_ROWS
-    assert int(p.label) == -(-65536 // p.chunk_rows)
+    assert not p.whole and p.chunks.num_chunks == 0
+    assert p.chunks.chunk_rows >= CUDA_MIN_ROWS and p.chunks.chunk_rows % 128 == 0
+    assert p.chunks.chunk_rows * region["row_bytes"] <= 80 * GIB / 64 or p.chunks.chunk_rows == CUDA_MIN_ROWS
+    assert int(p.label) == -(-65536 // p.chunks.chunk_rows)
 
 
 def test_cuda_short_sequences_are_not_chunked():
@@ -35,16 +35,16 @@ def test_cuda_short_sequences_are_not_chunked():
     p = chunk_plan(cfg, rows=1024, device_type="cuda", device_memory=80 * GIB, **LLAMA8B_MLP)
     assert p.whole  # 112 MiB of intermediates: the pass leaves the region to Inductor
     dynamic = chunk_plan(cfg, rows=None, device_type="cuda", device_memory=80 * GIB, **LLAMA8B_MLP)
-    assert not dynamic.whole and dynamic.chunk_rows >= CUDA_MIN_ROWS  # decided per call by the op
+    assert not dynamic.whole and dynamic.chunks.chunk_rows >= CUDA_MIN_ROWS  # decided per call by the op
 
 
 def test_fixed_settings_win_on_every_device():
     for dev in ("cpu", "cuda"):
         p = chunk_plan(mst_compile.MSTConfig(num_chunks=4), rows=1000, device_type=dev, device_memory=GIB, **LLAMA8B_MLP)
-        assert (p.num_chunks, p.label, p.whole) == (4, "4", False)
+        assert (p.chunks.num_chunks, p.label, p.whole) == (4, "4", False)
         p = chunk_plan(mst_compile.MSTConfig(chunk_tokens=300), rows=1000, device_type=dev, device_memory=GIB,
                        **LLAMA8B_MLP)  # fmt: skip
-        assert (p.chunk_rows, p.label) == (300, "4")
+        assert (p.chunks.chunk_rows, p.label) == (300, "4")
 
 
 def test_a_head_with_an_op_by_op_tail_gets_smaller_chunks():

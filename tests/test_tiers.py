@@ -19,9 +19,9 @@ SLOW_TESTS = [
     "tests.test_examples:test_long_context_example_measures_cpu_peaks_as_the_user_runs_it",
     "tests.test_training_modes:test_adamw_loop_follows_torch_compile",
     "tests.test_architectures:test_more_architectures_compile_exactly",  # the zoo sweep; the core ones stay quick
-    "tests.passes.test_recompute_pass:test_end_to_end_tags_both_layers_and_matches_eager",  # through Inductor
-    "tests.passes.test_recompute_pass:test_gpt2_end_to_end",
-    "tests.passes.test_remat_pass:test_end_to_end_with_hf_checkpointing_matches_eager",
+    "tests.passes.aten.test_recompute_pass:test_end_to_end_tags_both_layers_and_matches_eager",  # through Inductor
+    "tests.passes.aten.test_recompute_pass:test_gpt2_end_to_end",
+    "tests.passes.aten.test_remat_pass:test_end_to_end_with_hf_checkpointing_matches_eager",
 ]
 
 
@@ -52,7 +52,7 @@ def test_long_tests_are_slow(spec):
 
 
 def test_every_pass_and_op_keeps_quick_tests():
-    files = sorted(glob.glob(os.path.join(ROOT, "tests", "passes", "test_*.py")))
+    files = sorted(glob.glob(os.path.join(ROOT, "tests", "passes", "**", "test_*.py"), recursive=True))
     files += sorted(glob.glob(os.path.join(ROOT, "tests", "ops", "test_*.py")))
     assert files
     for path in files:

@@ -64,6 +64,8 @@ def _kernel(op):
 def mst_costs(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float32) -> dict[str, Cost]:
     """Per-chunk cost of mst's ops over ``rows * chunks`` tokens (SwiGLU MLP; head + cross-entropy)."""
     from ..ops import linear_ce, registry, rowwise
+    from ..ops.chunking import Chunks
+    from ..ops.spec import HeadSpec, RowwiseSpec
 
     n = rows * chunks
     g = torch.Generator().manual_seed(0)
@@ -72,16 +74,16 @@ def mst_costs(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float3
                   torch.randn(h, i, generator=g).to(dtype))  # fmt: skip
     key = registry.register_fn("cost", "swiglu", lambda x, wg, wu, wd: F.silu(F.linear(x, wg)) * F.linear(x, wu),
                                h, None, exit_w=2)  # fmt: skip
+    mlp = RowwiseSpec(key, Chunks(chunks)).dumps()
     w = torch.randn(v, h, generator=g).to(dtype)
     y = torch.randint(0, v, (n,), generator=g)
     cast = registry.register_cast(torch.float32)
+    head = HeadSpec(cast, cast, chunks=Chunks(chunks), needs=(True, True, False)).dumps()
     res = {}
     runs = {
-        "mlp forward": (lambda: _kernel(rowwise.rowwise)(x, [wg, wu, wd], key, chunks, 0), -1),
-        "mlp backward": (lambda: _kernel(rowwise.rowwise_backward)(grad, x, [wg, wu, wd], key, chunks, 0, [True] * 4),
-                         -1),
-        "head forward+backward": (lambda: _kernel(linear_ce.linear_ce)(x, w, None, y, cast, cast, -100, 0.0, chunks, 0,
-                                                                      [True, True, False], False, True), rows * v),
+        "mlp forward": (lambda: _kernel(rowwise.rowwise)(x, [wg, wu, wd], mlp), -1),
+        "mlp backward": (lambda: _kernel(rowwise.rowwise_backward)(grad, x, [wg, wu, wd], mlp, [True] * 4), -1),
+        "head forward+backward": (lambda: _kernel(linear_ce.linear_ce)(x, w, None, y, head), rows * v),
     }  # fmt: skip
     for name, (fn, big) in runs.items():
         with _Count(big) as c:

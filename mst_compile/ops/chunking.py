@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
 def num_chunks_for(rows: int, num_chunks: int, chunk_rows: int) -> int:
@@ -31,3 +32,15 @@ def chunk_bounds(rows: int, num_chunks: int, chunk_rows: int) -> list[tuple[int,
     m = num_chunks_for(rows, num_chunks, chunk_rows)
     size = max(1, math.ceil(rows / m))
     return [(s, min(s + size, rows)) for s in range(0, rows, size)]
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """A chunk plan as an op receives it (in its spec, NOTE [body spec]): the count is decided per call from the
+    row count, so one compiled graph serves every length (see :func:`num_chunks_for`)."""
+
+    num_chunks: int = 1
+    chunk_rows: int = 0
+
+    def bounds(self, rows: int) -> list[tuple[int, int]]:
+        return chunk_bounds(rows, self.num_chunks, self.chunk_rows)

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 
 from .. import _compat
 from . import registry
-from .chunking import chunk_bounds
-from .spec import parse
+from .spec import HeadSpec, parse
 from .accumulate import GradAccumulator
 
 _EMPTY = (0,)
@@ -35,33 +34,21 @@ _EMPTY = (0,)
 
 @torch.library.custom_op("mst::linear_ce", mutates_args=())
 def linear_ce(
-    h: torch.Tensor,
-    w: torch.Tensor,
-    b: Optional[torch.Tensor],
-    labels: torch.Tensor,
-    pre_key: str,
-    post_key: str,
-    ignore_index: int,
-    label_smoothing: float,
-    num_chunks: int,
-    chunk_rows: int,
-    needs: list[bool],
-    want_logits: bool,
-    mean: bool,
+    h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], labels: torch.Tensor, spec: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``spec``: a :class:`~.spec.HeadSpec` string (NOTE [body spec])."""
     with registry.no_autocast():  # the loop casts to its compute dtype itself (NOTE [autocast])
-        return _linear_ce(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing, num_chunks, chunk_rows,
-                          needs, want_logits, mean)  # fmt: skip
+        return _linear_ce(h, w, b, labels, parse(spec, HeadSpec))
 
 
-def _linear_ce(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing, num_chunks, chunk_rows, needs,
-               want_logits, mean):  # fmt: skip
-    pre, post = registry.get(pre_key), registry.get(post_key)
+def _linear_ce(h, w, b, labels, head: HeadSpec):
+    pre, post = registry.get(head.pre), registry.get(head.post)
+    ignore_index, label_smoothing, want_logits = head.ignore_index, head.label_smoothing, head.want_logits
     _check_targets(labels, ignore_index, w.shape[0])
     h, w = h.detach(), w.detach()
     b = None if b is None else b.detach()
     rows = h.shape[0]
-    need_h, need_w, need_b = needs
+    need_h, need_w, need_b = head.needs
     need_b = need_b and b is not None
     grad = need_h or need_w or need_b
     loss_dtype = post.out_dtype or torch.float32  # NOTE [loss dtype]
@@ -69,7 +56,7 @@ def _linear_ce(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing
     loss_sum = torch.zeros((), dtype=ce_dtype, device=h.device)  # fp32 across chunks, whatever the model's dtype
     logits = h.new_empty((rows, w.shape[0]), dtype=pre.out_dtype or h.dtype) if want_logits else h.new_empty(_EMPTY)
     dh = h.new_empty(h.shape) if need_h else h.new_empty(_EMPTY)
-    bounds = chunk_bounds(rows, num_chunks, chunk_rows)
+    bounds = head.chunks.bounds(rows)
     # NOTE [weight-gradient accumulation]
     dw = GradAccumulator(w, len(bounds)) if need_w else None
     db = GradAccumulator(b, len(bounds)) if need_b else None
@@ -109,7 +96,7 @@ def _linear_ce(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing
             db.add(gz.sum(0, dtype=db.acc_dtype))
         del gz  # else this chunk's [rows, vocab] gradient is still alive while the next chunk's logits are made
     count = (labels != ignore_index).sum()
-    loss = (loss_sum / count if mean else loss_sum).to(loss_dtype)
+    loss = (loss_sum / count if head.mean else loss_sum).to(loss_dtype)
     dw = dw.result() if need_w else w.new_empty(_EMPTY)
     db = db.result() if need_b else h.new_empty(_EMPTY)
     return loss, count, dh, dw, db, logits
@@ -217,9 +204,10 @@ def _tail_cross_entropy(z, y, pre, post, logits_out, ignore_index: int, eps: flo
 
 
 @linear_ce.register_fake
-def _(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing, num_chunks, chunk_rows, needs, want_logits, mean):
-    pre, post = parse(pre_key), parse(post_key)  # NOTE [body spec]: no registry lookup in a fake kernel
-    need_h, need_w, need_b = needs
+def _(h, w, b, labels, spec):
+    head = parse(spec, HeadSpec)
+    pre, post = parse(head.pre), parse(head.post)  # NOTE [body spec]: no registry lookup in a fake kernel
+    need_h, need_w, need_b = head.needs
     # (NOTE [guarded head]) what the pass matched must be what the op computes; a mismatch fails here, at
     # compile time (the backend then falls back), never inside the compiled step.
     torch._check(labels.dtype == torch.int64, lambda: f"mst::linear_ce takes int64 labels, got {labels.dtype}")
@@ -231,23 +219,22 @@ def _(h, w, b, labels, pre_key, post_key, ignore_index, label_smoothing, num_chu
         h.new_empty(h.shape) if need_h else h.new_empty(_EMPTY),
         w.new_empty(w.shape) if need_w else w.new_empty(_EMPTY),
         b.new_empty(b.shape) if (need_b and b is not None) else h.new_empty(_EMPTY),
-        h.new_empty((h.shape[0], w.shape[0]), dtype=pre.dtype or h.dtype) if want_logits else h.new_empty(_EMPTY),
+        h.new_empty((h.shape[0], w.shape[0]), dtype=pre.dtype or h.dtype) if head.want_logits else h.new_empty(_EMPTY),
     )
 
 
 def _setup(ctx, inputs, output):
-    needs = inputs[10]
+    *_, spec = inputs
     _, count, dh, dw, db, logits = output
     ctx.mark_non_differentiable(count, dh, dw, db, logits)
     ctx.save_for_backward(dh, dw, db, count)
-    ctx.needs = needs
-    ctx.mean = inputs[12]
+    ctx.head = parse(spec, HeadSpec)
 
 
 def _backward(ctx, g, *_unused):
     dh, dw, db, count = ctx.saved_tensors
-    need_h, need_w, need_b = ctx.needs
-    if ctx.mean:
+    need_h, need_w, need_b = ctx.head.needs
+    if ctx.head.mean:
         # Eager's nll_loss backward gives ignored rows an exact 0, so a batch whose labels are all
         # ignore_index has a NaN loss but zero gradients; dividing by a zero count would give NaN.
         g = torch.where(count > 0, g / count.clamp(min=1), torch.zeros_like(g))
@@ -255,7 +242,7 @@ def _backward(ctx, g, *_unused):
     def scale(t, need):
         return _scaled(t, g) if need else None
 
-    return (scale(dh, need_h), scale(dw, need_w), scale(db, need_b and db.numel() > 0)) + (None,) * 10
+    return scale(dh, need_h), scale(dw, need_w), scale(db, need_b and db.numel() > 0), None, None
 
 
 def _scaled(t: torch.Tensor, g: torch.Tensor, rows: int = 4096) -> torch.Tensor:

@@ -18,24 +18,25 @@ import torch
 from .. import _compat
 from . import registry
 from .accumulate import GradAccumulator
-from .chunking import chunk_bounds
-from .spec import parse
+from .spec import RowwiseSpec, parse
 
 
 @torch.library.custom_op("mst::rowwise", mutates_args=())
-def rowwise(x: torch.Tensor, params: list[torch.Tensor], key: str, num_chunks: int, chunk_rows: int) -> torch.Tensor:
-    body = registry.get(key)
+def rowwise(x: torch.Tensor, params: list[torch.Tensor], spec: str) -> torch.Tensor:
+    """``spec``: a :class:`~.spec.RowwiseSpec` string (NOTE [body spec])."""
+    rs = parse(spec, RowwiseSpec)
+    body = registry.get(rs.body)
     out = x.new_empty((x.shape[0], body.out_features), dtype=body.out_dtype or x.dtype)
     with torch.no_grad(), registry.no_autocast():  # the body sets its region's autocast (NOTE [autocast])
-        for s, e in chunk_bounds(x.shape[0], num_chunks, chunk_rows):
+        for s, e in rs.chunks.bounds(x.shape[0]):
             out[s:e] = body(x[s:e], *params)
     return out
 
 
 @rowwise.register_fake
-def _(x, params, key, num_chunks, chunk_rows):
-    spec = parse(key)  # the spec, not the registry: a fake kernel may run where no body was built (NOTE [body spec])
-    return x.new_empty((x.shape[0], spec.out_features), dtype=spec.dtype or x.dtype)
+def _(x, params, spec):
+    body = parse(parse(spec, RowwiseSpec).body)  # not the registry: no body may be built here (NOTE [body spec])
+    return x.new_empty((x.shape[0], body.out_features), dtype=body.dtype or x.dtype)
 
 
 @torch.library.custom_op("mst::rowwise_backward", mutates_args=())
@@ -43,15 +44,15 @@ def rowwise_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
     params: list[torch.Tensor],
-    key: str,
-    num_chunks: int,
-    chunk_rows: int,
+    spec: str,
     needs: list[bool],
 ) -> list[torch.Tensor]:
-    body = registry.get(key)
+    """``spec``: the forward's :class:`~.spec.RowwiseSpec` string; ``needs``: which of ``x, *params`` get a gradient."""
+    rs = parse(spec, RowwiseSpec)
+    body = registry.get(rs.body)
     gx = x.new_empty(x.shape) if needs[0] else None
     leaves = [p.detach().requires_grad_(n) for p, n in zip(params, needs[1:])]
-    bounds = chunk_bounds(x.shape[0], num_chunks, chunk_rows)
+    bounds = rs.chunks.bounds(x.shape[0])
     # NOTE [weight-gradient accumulation]
     accs = [GradAccumulator(p, len(bounds)) if n else None for p, n in zip(params, needs[1:])]
     wanted = [p for p, n in zip(leaves, needs[1:]) if n]
@@ -93,7 +94,7 @@ def rowwise_backward(
 
 
 @rowwise_backward.register_fake
-def _(grad, x, params, key, num_chunks, chunk_rows, needs):
+def _(grad, x, params, spec, needs):
     # contiguous, as the kernel returns them (a transposed weight such as GPT-2's Conv1D ``W.t()`` included)
     result = [x.new_empty(x.shape) if needs[0] else x.new_empty(0)]
     result += [p.new_empty(p.shape) if n else p.new_empty(0) for p, n in zip(params, needs[1:])]
@@ -101,21 +102,20 @@ def _(grad, x, params, key, num_chunks, chunk_rows, needs):
 
 
 def _setup(ctx, inputs, output):
-    x, params, key, num_chunks, chunk_rows = inputs
+    x, params, spec = inputs
     ctx.save_for_backward(x, *params)
-    ctx.args = (key, num_chunks, chunk_rows)
+    ctx.spec = spec
     ctx.needs = [x.requires_grad] + [p.requires_grad for p in params]
 
 
 def _backward(ctx, grad):
     x, *params = ctx.saved_tensors
-    key, num_chunks, chunk_rows = ctx.args
     if not any(ctx.needs):
-        return None, [None] * len(params), None, None, None
-    res = torch.ops.mst.rowwise_backward(grad, x, params, key, num_chunks, chunk_rows, ctx.needs)
+        return None, [None] * len(params), None
+    res = torch.ops.mst.rowwise_backward(grad, x, params, ctx.spec, ctx.needs)
     gx = res[0] if ctx.needs[0] else None
     gps = [g if n else None for g, n in zip(res[1:], ctx.needs[1:])]
-    return gx, gps, None, None, None
+    return gx, gps, None
 
 
 rowwise.register_autograd(_backward, setup_context=_setup)

@@ -1,28 +1,33 @@
-"""The graph passes of the ``mst`` backend, in the one order they run.
+"""The graph passes of the ``mst`` backend, grouped by the graph they read (``README.md`` here).
 
-Each pass has the signature ``rewrite(gm: fx.GraphModule, ctx: PassContext) -> None``: it finds its regions,
+``dynamo/``: the passes on Dynamo's torch-level graph, before AOTAutograd, in the one order of ``PASSES``
+below. Each has the signature ``rewrite(gm: fx.GraphModule, ctx: PassContext) -> None``: it finds its regions,
 rewrites those it can, and records every candidate (rewritten or skipped, with the reason) in ``ctx.regions``.
 A region that raises :class:`CantChunk` is left exactly as it was.
 
-One pass runs later, on Inductor's post-grad (aten, forward and backward) graph, as its
-``post_grad_custom_post_pass``: ``embedding_grad`` (NOTE [tied embedding gradient]); the backend installs it.
+``aten/``: the passes on Inductor's aten graphs (joint, forward, backward), each an ``InductorPass`` the
+backend installs in its Inductor custom-pass slot. ``shared.py``: what both read.
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import os
+import pkgutil
+import sys
 
 from torch import fx
 
-from . import causal_mask, head_ce, mlp, moe, normalize
-from .common import CantChunk, PassContext
+from . import dynamo, shared
+from .dynamo import causal_mask, head_ce, mlp, moe, normalize
+from .dynamo.context import CantChunk, PassContext
 
 log = logging.getLogger("mst_compile.passes")
 
-#: ``(name, rewrite, also inside subgraphs)``. Normalization first (one spelling of a projection); the head before the MLP: its projection widens
-#: too and must not be taken for an MLP.
+#: ``(name, rewrite, also inside subgraphs)``. Normalization first (one spelling of a projection); the head
+#: before the MLP: its projection widens too and must not be taken for an MLP.
 PASSES = (
     ("normalize", normalize.rewrite, True),
     ("causal_mask", causal_mask.rewrite, False),  # finds masks in the root graph, follows them into layers
@@ -30,6 +35,13 @@ PASSES = (
     ("moe", moe.rewrite, True),  # before the MLP pass: an expert or shared-expert MLP belongs to its block
     ("mlp", mlp.rewrite, True),
 )
+
+
+def dynamo_modules() -> list:
+    """This module, the shared helpers and every module of ``dynamo/``: the source the Dynamo-graph rewrite
+    depends on (the Inductor-pass mode's cache key)."""
+    subs = sorted(m.name for m in pkgutil.iter_modules(dynamo.__path__))
+    return [sys.modules[__name__], shared, dynamo, *(importlib.import_module(f"{dynamo.__name__}.{m}") for m in subs)]
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -88,4 +100,4 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
-__all__ = ["PASSES", "CantChunk", "PassContext", "copy_graph_module", "run_passes"]
+__all__ = ["PASSES", "CantChunk", "PassContext", "copy_graph_module", "dynamo_modules", "run_passes"]

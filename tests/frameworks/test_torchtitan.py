@@ -98,7 +98,7 @@ def test_flex_attention_blocks_are_refused_by_apply_compile():
 def test_per_block_compiled_step_peak_is_below_inductor():
     """4096 tokens, dim 128, SwiGLU hidden 2048, vocab 512 (the eager head small: the blocks dominate), fp32,
     mst's default options (the fused ``wqkv`` split once made the selective-recompute tags fail the partitioner:
-    tests/passes/test_recompute_pass.py)."""
+    tests/passes/aten/test_recompute_pass.py)."""
     base, mst = compare_memory("torchtitan", 4096)
     assert mst["counters"]["mlp_rewritten"] == 1 and not mst["counters"].get("fallback_compile"), mst["reports"]
     # measured here: 58.8 vs 255.0 MiB (0.23), the same loss

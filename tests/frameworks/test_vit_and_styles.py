@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.frameworks.helpers import FAST, assert_same_training_step, compare_memory, describe, examples, param_grads, rewritten
-from tests.passes.test_projection_styles import EinsumMLP, EinsumSwiGLU, FunctionalGLU, MatmulMLP, SequentialGLU
+from tests.passes.dynamo.test_projection_styles import EinsumMLP, EinsumSwiGLU, FunctionalGLU, MatmulMLP, SequentialGLU
 
 
 def _vit_step_matches_eager(model):

@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from mst_compile.ops.accumulate import GradAccumulator
+from mst_compile.ops.chunking import Chunks
+from mst_compile.ops.spec import HeadSpec
+from tests.conftest import rowwise_spec
 
 
 def _parts(dtype, n=3, device="cpu"):
@@ -85,9 +88,11 @@ def test_the_ops_make_no_zero_filled_weight_buffers(chunks):
     y = torch.randint(0, v, (rows,))
     w = torch.randn(v, h)
 
+    mlp, head = rowwise_spec(key, chunks), HeadSpec(cast, cast, chunks=Chunks(chunks), needs=(True, True, False)).dumps()
+
     def run():
-        torch.ops.mst.rowwise_backward(g, x, [wg, wd], key, chunks, 0, [True, True, True])
-        torch.ops.mst.linear_ce(x, w, None, y, cast, cast, -100, 0.0, chunks, 0, [True, True, False], False, True)
+        torch.ops.mst.rowwise_backward(g, x, [wg, wd], mlp, [True, True, True])
+        torch.ops.mst.linear_ce(x, w, None, y, head)
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         run()

@@ -4,11 +4,17 @@ import torch.nn.functional as F
 
 import mst_compile  # noqa: F401
 from mst_compile.ops import registry
+from mst_compile.ops.chunking import Chunks
 from mst_compile.ops.linear_ce import fused_cross_entropy
+from mst_compile.ops.spec import HeadSpec
 
 F32 = registry.register_cast(torch.float32)
 F64 = registry.register_cast(torch.float64)
 SOFTCAP = registry.register_fn("test", "softcap", lambda z: torch.tanh(z / 3.0) * 3.0, -1, torch.float64)
+
+
+def _spec(pre: str, post: str, **fields) -> str:
+    return HeadSpec(pre, post, **fields).dumps()
 
 
 def _case(n=37, h=8, v=50, seed=0, ignore="some"):
@@ -35,7 +41,8 @@ def test_matches_eager(ignore, reduction, smoothing, post, chunks):
     ref = F.cross_entropy(tail(F.linear(hs, w, b)), y, reduction=reduction, label_smoothing=smoothing)
     ref_g = torch.autograd.grad(ref, (hs, w, b))
     key = F64 if post == "cast" else SOFTCAP
-    out = torch.ops.mst.linear_ce(hs, w, b, y, F64, key, -100, smoothing, chunks, 0, [True] * 3, False, reduction == "mean")
+    out = torch.ops.mst.linear_ce(hs, w, b, y, _spec(F64, key, label_smoothing=smoothing, chunks=Chunks(chunks),
+                                                     mean=reduction == "mean"))  # fmt: skip
     got_g = torch.autograd.grad(out[0], (hs, w, b))
     torch.testing.assert_close(out[0], ref, equal_nan=True)
     for a, e in zip(got_g, ref_g):  # an all-ignored mean: NaN loss, zero gradients, as eager
@@ -45,8 +52,8 @@ def test_matches_eager(ignore, reduction, smoothing, post, chunks):
 def test_returns_logits_in_model_dtype():
     hs, w, b, y = _case()
     hs32, w32 = hs.detach().float(), w.detach().float()
-    out = torch.ops.mst.linear_ce(hs32, w32, None, y, registry.register_cast(torch.float32), F32, -100, 0.0, 5, 0,
-                                  [False] * 3, True, True)  # fmt: skip
+    out = torch.ops.mst.linear_ce(hs32, w32, None, y, _spec(F32, F32, chunks=Chunks(5), needs=(False,) * 3,
+                                                            want_logits=True))  # fmt: skip
     torch.testing.assert_close(out[5], F.linear(hs32, w32))
     assert out[5].dtype == torch.float32 and not out[5].requires_grad
 
@@ -76,8 +83,9 @@ def test_compiled_chunk_cross_entropy_matches_the_in_place_one(eps):
     y = torch.randint(0, v, (n,))
     y[:20] = -100
     pre = registry.register_cast(torch.bfloat16)
-    outs = [torch.ops.mst.linear_ce(x, w, None, y, pre, registry.register_cast(torch.bfloat16, None, compiled), -100,
-                                    eps, 3, 0, [True, True, False], False, True) for compiled in (False, True)]  # fmt: skip
+    specs = [_spec(pre, registry.register_cast(torch.bfloat16, None, compiled), label_smoothing=eps, chunks=Chunks(3),
+                   needs=(True, True, False)) for compiled in (False, True)]  # fmt: skip
+    outs = [torch.ops.mst.linear_ce(x, w, None, y, spec) for spec in specs]
     keys = [k for k in mod._COMPILED_CE if k[-1] == eps]
     assert len(keys) == 1 and mod._COMPILED_CE[keys[0]] is not None  # compiled once for the 3 chunks
     for i in (0, 2, 3):  # loss, dh, dw

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import mst_compile  # noqa: F401
 from mst_compile.ops import registry
-from tests.conftest import assert_close_rel
+from tests.conftest import assert_close_rel, rowwise_spec
 
 
 def swiglu(x, wg, wu, wd):
@@ -28,7 +28,8 @@ def test_gradcheck_ragged_chunks(key):
     x = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
     ps = _params()
     for m in (1, 3, 4, 11, 20):  # ragged, one row per chunk, more chunks than rows
-        assert torch.autograd.gradcheck(lambda x, *p: torch.ops.mst.rowwise(x, list(p), key, m, 0), (x, *ps))
+        spec = rowwise_spec(key, m)
+        assert torch.autograd.gradcheck(lambda x, *p: torch.ops.mst.rowwise(x, list(p), spec), (x, *ps))
 
 
 def test_exit_projection_with_bias_and_frozen_weight():
@@ -39,7 +40,8 @@ def test_exit_projection_with_bias_and_frozen_weight():
     x = torch.randn(9, 6, dtype=torch.float64, generator=g, requires_grad=True)
     ps = [torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True) for s in [(20, 6), (20,), (6, 20), (6,)]]
     ps[2].requires_grad_(False)
-    assert torch.autograd.gradcheck(lambda x, a, b, d: torch.ops.mst.rowwise(x, [a, b, ps[2], d], key, 4, 0),
+    spec = rowwise_spec(key, 4)
+    assert torch.autograd.gradcheck(lambda x, a, b, d: torch.ops.mst.rowwise(x, [a, b, ps[2], d], spec),
                                     (x, ps[0], ps[1], ps[3]))  # fmt: skip
 
 
@@ -51,7 +53,7 @@ def test_matches_unchunked_and_frozen_params():
     ref.square().sum().backward()
     want = [x.grad.clone(), ps[0].grad.clone(), ps[2].grad.clone()]
     x.grad = ps[0].grad = ps[2].grad = None
-    out = torch.ops.mst.rowwise(x, ps, KEY, 5, 0)
+    out = torch.ops.mst.rowwise(x, ps, rowwise_spec(KEY, 5))
     torch.testing.assert_close(out, ref)
     out.square().sum().backward()
     for got, exp in zip([x.grad, ps[0].grad, ps[2].grad], want):
@@ -63,7 +65,7 @@ def test_low_precision_weight_grad_accumulates_in_fp32():
     torch.manual_seed(0)
     x = torch.randn(512, 6, dtype=torch.bfloat16, requires_grad=True)
     ps = [p.detach().to(torch.bfloat16).requires_grad_() for p in _params()]
-    torch.ops.mst.rowwise(x, ps, KEY, 64, 0).float().sum().backward()
+    torch.ops.mst.rowwise(x, ps, rowwise_spec(KEY, 64)).float().sum().backward()
     ref_ps = [p.detach().double().requires_grad_() for p in ps]
     swiglu(x.detach().double(), *ref_ps).sum().backward()
     for p, r in zip(ps, ref_ps):
@@ -96,7 +98,7 @@ def _rowwise_step(key, rows, chunks):
     x = torch.randn(rows, 16, generator=gen, requires_grad=True)
     ps = [torch.randn(48, 16, generator=gen).requires_grad_(), torch.randn(48, 16, generator=gen).requires_grad_(),
           torch.randn(16, 48, generator=gen).requires_grad_()]  # fmt: skip
-    out = torch.ops.mst.rowwise(x, ps, key, chunks, 0)
+    out = torch.ops.mst.rowwise(x, ps, rowwise_spec(key, chunks))
     return [out.detach()] + list(torch.autograd.grad(out.square().sum(), [x, *ps]))
 
 

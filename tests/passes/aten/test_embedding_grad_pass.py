@@ -5,7 +5,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import mst_compile
-from mst_compile.passes.embedding_grad import accumulate_into_other_grad
+from mst_compile.passes.aten.embedding_grad import accumulate_into_other_grad
 from tests.conftest import assert_close_rel, grads
 
 aten = torch.ops.aten

@@ -233,12 +233,13 @@ _HEAD = _Head()
 def test_fake_kernel_refuses_what_it_does_not_compute():
     """A mismatch between a match and the op fails while tracing (compile time), not in the compiled step."""
     from mst_compile.ops import registry
+    from mst_compile.ops.spec import HeadSpec
 
     key = registry.register_cast(torch.float32)
+    spec = HeadSpec(key, key, needs=(False, False, False)).dumps()
     h, w = torch.randn(8, 16), torch.randn(50, 16)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fh, fw = mode.from_tensor(h), mode.from_tensor(w)
         for labels in (torch.zeros(8, dtype=torch.int32), torch.zeros(7, dtype=torch.int64), torch.zeros(8, 50)):
             with pytest.raises(RuntimeError, match="mst::linear_ce"):
-                torch.ops.mst.linear_ce(fh, fw, None, mode.from_tensor(labels), key, key, -100, 0.0, 1, 0,
-                                        [False, False, False], False, True)  # fmt: skip
+                torch.ops.mst.linear_ce(fh, fw, None, mode.from_tensor(labels), spec)

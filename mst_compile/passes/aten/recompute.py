@@ -42,59 +42,21 @@ tokens 767 -> 526 MiB with NOTE [buffer reuse]; 32768 tokens fit in 975 MiB.
 from __future__ import annotations
 
 import logging
-import operator
 
 import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .. import _compat
-from ..report import counters
-from .common import InductorPass, val
+from ...report import counters
+from ..shared import val
+from .base import InductorPass, numel, tangent_inputs
+from .ops import ATTENTION, GEMMS, cheap, gemm_input, is_mst_op
 
 log = logging.getLogger("mst_compile")
-aten = torch.ops.aten
 
 
-_LAYOUT = {
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default, aten.transpose.int,
-    aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default,
-    aten.slice.Tensor, aten.select.int, aten.alias.default, aten.clone.default, aten.cat.default,
-    aten.split.Tensor, aten.split_with_sizes.default,  # a fused q/k/v projection (GPT-2, GPT-NeoX), with getitem
-}  # fmt: skip
-_GEMMS = {aten.mm.default, aten.addmm.default, aten.bmm.default}
-_ATTENTION = {
-    aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_flash_attention.default,
-    aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default,
-}  # fmt: skip
 _RECOMPUTE_POLICIES = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
 _SMALL = 8  # a value read from outside a chain is "small" when 8 of it fit in the chain's largest tensor
-
-
-def _cheap(n: fx.Node) -> bool:
-    t = n.target
-    if t is operator.getitem:
-        return isinstance(n.args[0], fx.Node) and _cheap(n.args[0])
-    if not isinstance(t, _compat.OpOverload) or torch.Tag.nondeterministic_seeded in t.tags or t._schema.is_mutable:
-        return False  # random, or in place (``add_`` is tagged pointwise too): never repeated
-    return t in _LAYOUT or torch.Tag.pointwise in t.tags
-
-
-def _numel(n) -> int:
-    v = val(n)
-    return _compat.size_hint(v.numel()) if isinstance(v, torch.Tensor) else 0
-
-
-def tangent_inputs(graph: fx.Graph) -> list[fx.Node]:
-    """The placeholders AOTAutograd names ``tangents_*``: the incoming gradients of a joint or backward graph
-    (none in a forward or inference graph)."""
-    return [n for n in graph.find_nodes(op="placeholder") if n.name.startswith("tangents")]
-
-
-def _gemm_input(n: fx.Node) -> fx.Node | None:
-    """The activation operand of a forward matmul (``addmm``'s is its second argument)."""
-    a = n.args[1] if n.target is aten.addmm.default else n.args[0]
-    return a if isinstance(a, fx.Node) else None
 
 
 class _Joint:
@@ -120,7 +82,7 @@ class _Joint:
     def walkable(self, n, gemms: bool) -> bool:
         return (
             isinstance(n, fx.Node) and n in self.forward and "recompute" not in n.meta
-            and (_cheap(n) or (gemms and n.target in _GEMMS))
+            and (cheap(n) or (gemms and n.target in GEMMS))
         )  # fmt: skip
 
     def cone(self, starts, consumers: set, gemms: bool) -> set:
@@ -133,7 +95,7 @@ class _Joint:
                 continue
             cone.add(n)
             stack += [a for a in n.all_input_nodes if self.walkable(a, gemms)]
-        big = max((_numel(n) for n in cone), default=0)
+        big = max((numel(n) for n in cone), default=0)
         changed = True
         while changed:
             changed = False
@@ -152,7 +114,7 @@ class _Joint:
             return True
         # a multi-output op (``split_with_sizes``) cannot be saved, only its pieces: a piece stays in the chain
         # only with the op itself (else the partitioner finds a value it can neither save nor recompute)
-        return isinstance(val(a), torch.Tensor) and _numel(a) * _SMALL <= big
+        return isinstance(val(a), torch.Tensor) and numel(a) * _SMALL <= big
 
 
 def tag_recompute(graph: fx.Graph, mode: str) -> int:
@@ -164,12 +126,12 @@ def tag_recompute(graph: fx.Graph, mode: str) -> int:
         return 0  # an inference graph: nothing is saved
     fwd = joint.forward
     tags: set[fx.Node] = set()
-    consumers = {n for n in fwd if n.target in _GEMMS or getattr(n.target, "namespace", None) == "mst"}
-    starts = [_gemm_input(n) if n.target in _GEMMS else n.args[0] for n in consumers]
+    consumers = {n for n in fwd if n.target in GEMMS or is_mst_op(n)}
+    starts = [gemm_input(n) if n.target in GEMMS else n.args[0] for n in consumers]
     tags |= joint.cone(starts, consumers, gemms=False)
     attentions = 0
     if mode == "attention":
-        for att in (n for n in fwd if n.target in _ATTENTION):
+        for att in (n for n in fwd if n.target in ATTENTION):
             chain = joint.cone([a for a in att.args[:3] if isinstance(a, fx.Node)], {att}, gemms=True)
             if any(a in chain for a in att.args[:3]):
                 attentions += 1

@@ -31,11 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .. import _compat
-from ..report import Region
+from ... import _compat
+from ...report import Region
 from . import mask_eval
-from .common import CantChunk, PassContext, skip, val
-from .mask_proof import IDX, Interp, is_kv_le_q, shape_of, sym_of, size_symbols
+from ..shared import val
+from .context import CantChunk, PassContext, skip
+from .mask_proof import Interp
+from .mask_symbols import IDX, is_kv_le_q, shape_of, size_symbols, sym_of
 
 _SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
 _HOP_CHECKPOINT = "tag_activation_checkpoint"

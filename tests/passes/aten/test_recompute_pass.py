@@ -12,7 +12,7 @@ from functorch.compile import aot_function, make_boxed_func, min_cut_remateriali
 
 import mst_compile
 from mst_compile import _compat
-from mst_compile.passes.recompute import tag_recompute
+from mst_compile.passes.aten.recompute import tag_recompute
 
 from tests.conftest import assert_close_rel, grads
 

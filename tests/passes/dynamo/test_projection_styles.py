@@ -1,6 +1,6 @@
 """MLPs spelled the ways model code outside transformers spells them, on traced graphs: einsum and ``@``
 projections (normalized to ``linear``), ``F.glu`` / ``nn.GLU``, and a parallel block whose attention and MLP
-read one norm (NOTE [shared input] in ``passes/mlp.py``)."""
+read one norm (NOTE [shared input] in ``passes/dynamo/mlp.py``)."""
 
 import pytest
 import torch

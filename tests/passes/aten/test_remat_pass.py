@@ -12,18 +12,19 @@ from functorch.compile import aot_function, make_boxed_func, min_cut_remateriali
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint
 
 import mst_compile
-from mst_compile.passes.recompute import tag_recompute
-from mst_compile.passes.remat import _barrier, _Lifetimes, remat_across_barriers
+from mst_compile.passes.aten.ops import is_big_backward_op
+from mst_compile.passes.aten.recompute import tag_recompute
+from mst_compile.passes.aten.remat import _Lifetimes, remat_across_barriers
 
 from tests.conftest import assert_close_rel
-from tests.passes.test_recompute_pass import H, T, _inputs, _norm, attention_block
+from tests.passes.aten.test_recompute_pass import H, T, _inputs, _norm, attention_block
 
 
 def _crossing(graph):
     """Big (``T x H``) values computed before an attention backward and read after it, not its own inputs."""
     life = _Lifetimes(graph)
     out = set()
-    for b in (n for n in life.nodes if _barrier(n)):
+    for b in (n for n in life.nodes if is_big_backward_op(n)):
         inputs = {life.owner[a] for a in b.all_input_nodes}
         for o in set(life.owner.values()):
             if (o.op == "call_function" and o not in inputs and life.pos[o] < life.pos[b] < life.last.get(o, -1)
@@ -148,7 +149,7 @@ def test_checkpointed_region_output_read_outside_is_saved(fix, monkeypatch):
     the same graph without the rule: the output is then recomputed (the test can fail)."""
     from torch._dynamo.backends.common import aot_autograd
 
-    import mst_compile.passes.recompute as rc
+    import mst_compile.passes.aten.recompute as rc
 
     if not fix:
         monkeypatch.setattr(rc, "_save_region_outputs", lambda joint, tags: 0)
@@ -242,7 +243,7 @@ def test_work_grows_at_most_quadratically_with_the_layers(monkeypatch):
     outside the one lifetime table it builds per big op."""
     from torch import fx
 
-    import mst_compile.passes.remat as remat
+    import mst_compile.passes.aten.remat as remat
 
     prop, reads = fx.Node.all_input_nodes, [0]
     counting = property(lambda n: (reads.__setitem__(0, reads[0] + 1), prop.fget(n))[1])

@@ -10,7 +10,7 @@ Before::
 
 After::
 
-    y = mst.rowwise(x.reshape(-1, H), [Wg, Wu, Wd], "<body spec>", M, 0).view(*x.shape[:-1], H)   # opaque to Inductor
+    y = mst.rowwise(x.reshape(-1, H), [Wg, Wu, Wd], "<rowwise spec>").view(*x.shape[:-1], H)   # opaque to Inductor
 
 Only ``x`` and the weights are saved for backward; the ``tokens x intermediate`` tensors exist for one chunk
 at a time, in forward and again (recomputed) in backward.
@@ -24,37 +24,32 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .. import _compat
-from ..ops import registry
-from ..plan import chunk_plan
-from ..report import Region
-from .common import (
-    CantChunk,
-    autocast_states,
-    region_autocast,
-    region_grad,
-    skip,
-    PassContext,
+from ... import _compat
+from ...ops import registry
+from ...ops.chunking import Chunks
+from ...ops.spec import RowwiseSpec
+from ...plan import chunk_plan
+from ...report import Region
+from ..shared import tval
+from .build import emit, extract_body, from_rows, to_rows
+from .context import CantChunk, PassContext, skip
+from .modes import autocast_states, region_autocast, region_grad
+from .nodes import (
     check_split_on_last_dim,
-    emit,
-    extract_body,
-    from_rows,
     is_elementwise,
     is_getitem_of_split,
     is_split,
     is_weight_like,
     linear_args,
     numel_bytes,
-    to_rows,
-    tval,
 )
 
 
-def rowwise_nodes(g: fx.Graph, x: fx.Node, params: list, key: str, num_chunks: int, chunk_rows: int, width: int):
-    """``mst::rowwise`` on ``x``'s tokens as ``[tokens, H]`` rows, and its ``[tokens, width]`` result given ``x``'s
-    leading dims (NOTE [cacheable graph]): ``(op node, result node)``."""
-    call = emit(g, "call_function", torch.ops.mst.rowwise.default,
-                (to_rows(g, x, _width(x)), list(params), key, num_chunks, chunk_rows))  # fmt: skip
+def rowwise_nodes(g: fx.Graph, x: fx.Node, params: list, key: str, chunks: Chunks, width: int):
+    """``mst::rowwise`` of body ``key`` in ``chunks`` on ``x``'s tokens as ``[tokens, H]`` rows, and its
+    ``[tokens, width]`` result given ``x``'s leading dims (NOTE [cacheable graph]): ``(op node, result node)``."""
+    spec = RowwiseSpec(key, chunks).dumps()  # NOTE [body spec]
+    call = emit(g, "call_function", torch.ops.mst.rowwise.default, (to_rows(g, x, _width(x)), list(params), spec))
     return call, from_rows(g, call, x, width)
 
 
@@ -191,7 +186,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
                               row_bytes=row_bytes, device_type=xv.device.type, device_index=xv.device.index)  # fmt: skip
             if plan.whole:
                 raise CantChunk("the whole intermediate fits one chunk: left to Inductor (NOTE [one chunk is whole])")
-            num_chunks, chunk_rows, label = plan.num_chunks, plan.chunk_rows, plan.label
+            chunks, label = plan.chunks, plan.label
             if _width(x) is None:
                 raise CantChunk("the input's feature dimension is not static")
             _check_body(ctx, key, x, params, ev)
@@ -204,7 +199,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
             siblings_of_rejected.update(u for u in linear_args(start)[0].users if _is_expanding(u, ctx))
             continue
         with gm.graph.inserting_before(exit_node):
-            _, new = rowwise_nodes(gm.graph, x, params, key, num_chunks, chunk_rows, int(ev.shape[-1]))
+            _, new = rowwise_nodes(gm.graph, x, params, key, chunks, int(ev.shape[-1]))
         new.meta.update(exit_node.meta)
         exit_node.replace_all_uses_with(new)
         for n in reversed(region):

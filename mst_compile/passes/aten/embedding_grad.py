@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import fx
 
-from ..report import counters
-from .common import InductorPass, val
+from ...report import counters
+from ..shared import val
+from .base import InductorPass
+from .ops import SCATTERS, aten
 
 log = logging.getLogger("mst_compile")
-aten = torch.ops.aten
-
-_SCATTERS = (aten._unsafe_masked_index_put_accumulate.default, aten.index_put.default)
 
 
 def _zero_base(n) -> bool:
@@ -43,7 +41,7 @@ def _zero_base(n) -> bool:
 
 
 def _accumulating_scatter(n) -> bool:
-    if not isinstance(n, fx.Node) or n.target not in _SCATTERS or len(n.users) != 1:
+    if not isinstance(n, fx.Node) or n.target not in SCATTERS or len(n.users) != 1:
         return False
     if n.target is aten.index_put.default:
         accumulate = n.args[3] if len(n.args) > 3 else n.kwargs.get("accumulate", False)

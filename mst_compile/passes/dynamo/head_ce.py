@@ -1,9 +1,7 @@
 """Pass: fuse the vocabulary projection with its cross-entropy and run both one mini-sequence at a time.
 
-Matches ``cross_entropy(T(linear(h, W, b)), labels)`` where ``T`` is any chain of row-wise elementwise math
-taking no tensor besides the logits (``.float()`` upcast, scaling, tanh softcap) mixed with layout ops that
-only touch token dimensions (``view(-1, V)``, ``flatten``, shift slices such as ``[..., :-1, :]``). The
-layout ops are replayed on ``h`` instead (they commute with row-wise math), so the op sees ``[tokens, H]``.
+Finds ``cross_entropy(T(linear(h, W, b)), labels)``, ``T`` row-wise math and token-layout ops (``head_match.py``).
+The layout ops are replayed on ``h`` instead (they commute with row-wise math), so the op sees ``[tokens, H]``.
 
 Before::
 
@@ -12,8 +10,8 @@ Before::
 
 After::
 
-    out = mst.linear_ce(h.reshape(-1, H), W, None, y.reshape(-1), ...)   # logits written chunk by chunk, in the
-    loss, logits = out[0], out[5].view(*h.shape[:-1], V)                 # model dtype, only if they are returned
+    out = mst.linear_ce(h.reshape(-1, H), W, None, y.reshape(-1), "<head spec>")   # logits written chunk by chunk,
+    loss, logits = out[0], out[5].view(*h.shape[:-1], V)    # in the model dtype, only if they are returned
     return loss, logits
 
 NOTE [returned logits]: ``torch.compile(model)`` on an HF model returns the logits next to the loss. An output
@@ -32,43 +30,30 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .. import _compat
-from ..ops import registry
-from ..ops.accumulate import accumulator_bytes
-from ..plan import chunk_plan
-from ..report import Region
-from .common import (
-    CantChunk,
-    autocast_states,
-    region_autocast,
-    region_grad,
-    skip,
-    PassContext,
-    bind_cross_entropy,
-    emit,
-    from_rows,
-    is_elementwise,
-    linear_args,
-    numel_bytes,
-    size_args,
-    to_rows,
-    tval,
-)
+from ...ops import registry
+from ...ops.spec import HeadSpec, RowwiseSpec
+from ...ops.accumulate import accumulator_bytes
+from ...plan import chunk_plan
+from ...report import Region
+from ..shared import tval
+from .build import emit, from_rows, size_args, to_rows
+from .context import CantChunk, PassContext, skip
+from .head_match import HeadMatch, check_tail_inputs, find_head, layout_kind, view_shape
+from .modes import autocast_states, region_autocast, region_grad
+from .nodes import bind_cross_entropy, linear_args, numel_bytes
 
 
-def head_nodes(g: fx.Graph, h: fx.Node, w: fx.Node, b, labels: fx.Node, args: tuple, h_orig: fx.Node, vocab: int):
+def head_nodes(g: fx.Graph, h: fx.Node, w: fx.Node, b, labels: fx.Node, spec: HeadSpec, h_orig: fx.Node, vocab: int):
     """What the rewritten graph runs (NOTE [cacheable graph]): ``(loss, logits [*h_orig.shape[:-1], V] or an empty
     tensor)`` from ``mst::linear_ce`` on ``h``'s rows. ``h`` has had the token-layout ops between the projection
-    and the loss replayed on it; ``h_orig`` is the projection's input, whose leading dims the logits take.
-    ``args``: the op's arguments after the labels."""
+    and the loss replayed on it; ``h_orig`` is the projection's input, whose leading dims the logits take."""
     h2 = to_rows(g, h, int(tval(w).shape[1]))
     y = emit(g, "call_method", "reshape", (labels, -1)) if tval(labels).dim() != 1 else labels
     y = emit(g, "call_method", "to", (y, torch.int64)) if tval(y).dtype != torch.int64 else y
-    call = emit(g, "call_function", torch.ops.mst.linear_ce.default, (h2, w, b, y, *args))
+    call = emit(g, "call_function", torch.ops.mst.linear_ce.default, (h2, w, b, y, spec.dumps()))  # NOTE [body spec]
     loss = emit(g, "call_function", operator.getitem, (call, 0))
     logits = emit(g, "call_function", operator.getitem, (call, 5))
-    want_logits = args[-2]
-    return loss, (from_rows(g, logits, h_orig, vocab) if want_logits else logits)
+    return loss, (from_rows(g, logits, h_orig, vocab) if spec.want_logits else logits)
 
 
 @dataclass
@@ -78,134 +63,9 @@ class LogitsOutput:
     slots: list[int]
     mode: str  # "bridge" (re-attach autograd) | "skip" (raise on use) | "plain" (no grad needed)
     extra: list[int]  # indices (in the compiled graph's outputs) of h, w[, b]
-    logits_key: str = ""  # the logits body's spec: also their width and dtype (NOTE [body spec])
-    num_chunks: int = 1
-    chunk_rows: int = 0
-
-
-def _layout_kind(n: fx.Node) -> str | None:
-    if n.op == "call_method" and n.target in ("view", "reshape"):
-        return "view"
-    if (n.op == "call_method" and n.target == "flatten") or (n.op == "call_function" and n.target is torch.flatten):
-        return "flatten"
-    if n.op == "call_method" and n.target == "contiguous":
-        return "contiguous"
-    if n.op == "call_function" and n.target is operator.getitem:
-        return "getitem"
-    return None
-
-
-def _view_shape(n: fx.Node) -> list:
-    shape = list(n.args[1:])
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
-        shape = list(shape[0])
-    return shape
-
-
-def _check_layout(n: fx.Node, kind: str, vocab: int) -> None:
-    """Layout ops may regroup or select token dimensions only; the vocab dimension stays last and whole."""
-    v_in, v_out = tval(n.args[0]), tval(n)
-    if v_in is None or v_out is None or v_out.dim() == 0 or v_out.shape[-1] != vocab:
-        raise CantChunk(f"{n.name} changes the vocabulary dimension")
-    if kind == "view" and _view_shape(n)[-1] not in (vocab, -1):
-        raise CantChunk(f"{n.name} reshapes the vocabulary dimension")
-    if kind == "flatten":
-        end = n.kwargs.get("end_dim", n.args[2] if len(n.args) > 2 else -1)
-        if end in (-1, v_in.dim() - 1):
-            raise CantChunk(f"{n.name} flattens the vocabulary dimension")
-    if kind == "getitem":
-        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
-        if any(i is None or isinstance(i, (fx.Node, torch.Tensor)) for i in idx):
-            raise CantChunk(f"{n.name} indexes logits with tensors or adds dimensions")
-        touches_last = (Ellipsis in idx and idx[-1] is not Ellipsis) or (Ellipsis not in idx and len(idx) >= v_in.dim())
-        if touches_last and idx[-1] != slice(None, None, None):
-            raise CantChunk(f"{n.name} slices the vocabulary dimension")
-
-
-def _is_tail_op(n: fx.Node) -> bool:
-    """Row-wise elementwise op whose only tensor input is the logits."""
-    return is_elementwise(n) and len(n.all_input_nodes) == 1
-
-
-@dataclass
-class HeadMatch:
-    ce: fx.Node
-    lin: fx.Node
-    chain: list  # forward order, after lin
-    exposed: fx.Node | None
-    args: dict
-
-
-def find_head(ce: fx.Node, ctx: PassContext) -> HeadMatch:
-    args = bind_cross_entropy(ce)
-    if args["weight"] is not None:
-        raise CantChunk("cross_entropy with class weights")
-    if args["size_average"] is not None or args["reduce"] is not None:
-        raise CantChunk("cross_entropy with legacy size_average/reduce")
-    if args["reduction"] not in ("mean", "sum"):
-        raise CantChunk(f"cross_entropy reduction {args['reduction']!r} (only 'mean' and 'sum' are fused)")
-    if not isinstance(args["ignore_index"], int) or not isinstance(args["label_smoothing"], (int, float)):
-        raise CantChunk("cross_entropy ignore_index/label_smoothing are not constants")
-    inp = args["input"]
-    iv = tval(inp)
-    if iv is None or iv.dim() != 2:
-        raise CantChunk("cross_entropy input is not [tokens, vocab]")
-    vocab = iv.shape[-1]
-    _check_target(args["target"], iv)
-    chain, cur = [], inp
-    while linear_args(cur) is None:
-        if not isinstance(cur, fx.Node) or cur in ctx.claimed:
-            raise CantChunk("no vocabulary projection feeds the loss")
-        kind = _layout_kind(cur)
-        if kind is not None:
-            _check_layout(cur, kind, vocab)
-        elif not _is_tail_op(cur):
-            raise CantChunk(f"{cur.name} ({cur.target}) between the projection and the loss is not row-wise")
-        chain.append(cur)
-        cur = cur.args[0]
-    lin = cur
-    chain.reverse()
-    h, w, b = linear_args(lin)
-    if not isinstance(w, fx.Node) or tval(w) is None or tval(w).dim() != 2:
-        raise CantChunk(f"{lin.name} has no weight matrix")
-    if b is not None and not isinstance(b, fx.Node):
-        raise CantChunk(f"{lin.name} has a non-tensor bias")
-    members = set([lin] + chain)
-    exposed = None
-    for n in [lin] + chain:
-        outside = [u for u in n.users if u not in members and u is not ce]
-        if not outside:
-            continue
-        if any(u.op != "output" for u in outside):
-            raise CantChunk(f"{n.name} is also used by {outside[0].name} inside the graph")
-        if exposed is not None:
-            raise CantChunk("more than one value of the head is returned")
-        exposed = n
-    if exposed is not None:
-        before = [lin] + chain[: chain.index(exposed) + 1 if exposed in chain else 0]
-        if any(_layout_kind(n) not in (None, "contiguous") for n in before):
-            raise CantChunk("the returned logits are a reshaped or sliced view of the projection")
-    return HeadMatch(ce, lin, chain, exposed, args)
-
-
-#: label dtypes the fused op takes. int64 is eager's; int32 is what Inductor accepts too (its decomposition
-#: gathers with it), and the op reads it as int64, the value eager gives for the same labels as int64.
-LABEL_DTYPES = (torch.int64, torch.int32)
-
-
-def _check_target(target, iv) -> None:
-    """NOTE [guarded head]: the fused op computes class-index cross-entropy over ``[tokens]`` labels. Anything
-    else (class probabilities, float or other integer targets, another shape) is left to the original op, so
-    its result or its error is exactly what the compiler gives without mst."""
-    tv = tval(target)
-    if tv is None:
-        raise CantChunk("the cross_entropy target is not a tensor")
-    if tv.is_floating_point() or tv.is_complex():
-        raise CantChunk(f"cross_entropy with {tv.dtype} targets (class probabilities) is not fused")
-    if tv.dtype not in LABEL_DTYPES:
-        raise CantChunk(f"cross_entropy with {tv.dtype} labels is not fused (only {', '.join(map(str, LABEL_DTYPES))})")
-    if tv.dim() != 1 or _compat.sym_expr(tv.shape[0]) != _compat.sym_expr(iv.shape[0]):
-        raise CantChunk(f"cross_entropy target of shape {list(tv.shape)} for input {list(iv.shape)}")
+    # a RowwiseSpec string: the logits as a row-wise body in the head's chunks, for the rebuild's backward; its
+    # body gives their width and dtype (NOTE [body spec])
+    spec: str
 
 
 def _tail_bytes(chain: list[fx.Node], pre, post, logits_dtype: torch.dtype) -> int:
@@ -218,7 +78,7 @@ def _tail_bytes(chain: list[fx.Node], pre, post, logits_dtype: torch.dtype) -> i
     if pre.cast_only and post.cast_only:
         elt = torch.empty((), dtype=logits_dtype).element_size()
         return 4 if elt >= 4 else (2 * elt if post.compiled else 4 + elt)
-    return 8 + 2 * sum(tval(n).element_size() for n in chain if _layout_kind(n) is None and tval(n) is not None)
+    return 8 + 2 * sum(tval(n).element_size() for n in chain if layout_kind(n) is None and tval(n) is not None)
 
 
 def _row_positions(g: fx.Graph, h: fx.Node) -> tuple:
@@ -243,11 +103,11 @@ def _labels_for_all_rows(g: fx.Graph, pos: fx.Node, rows, labels: fx.Node, ignor
 def _replay_layout(gm: fx.GraphModule, m: HeadMatch, h: fx.Node, hidden: int, vocab: int) -> fx.Node:
     cur = h
     for n in m.chain:
-        kind = _layout_kind(n)
+        kind = layout_kind(n)
         if kind is None or kind == "contiguous":
             continue
         if kind == "view":
-            shape = _view_shape(n)
+            shape = view_shape(n)
             if shape[-1] == vocab:
                 shape[-1] = hidden
             # the replay skips ``contiguous``, so ``h`` may be a strided slice here: reshape, never view
@@ -263,7 +123,7 @@ def _body(nodes: list[fx.Node], kind: str, dtype: torch.dtype, amp, out_dtype: t
           compiled: bool = False) -> str:  # fmt: skip
     """Register the elementwise ops among ``nodes`` (layout ops dropped) as a one-input body; ``out_dtype``,
     when given, is the dtype the body's result is converted to last (NOTE [loss dtype])."""
-    ops = [n for n in nodes if _layout_kind(n) is None]
+    ops = [n for n in nodes if layout_kind(n) is None]
     if not ops:
         return registry.register_cast(out_dtype or dtype, amp, compiled)
     if len(ops) == 1 and _cast_dtype(ops[0]) is not None and out_dtype in (None, _cast_dtype(ops[0])):
@@ -313,12 +173,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
 
 @dataclass
 class HeadPlan:
-    pre_key: str
-    post_key: str
-    needs: list
+    spec: HeadSpec
     mode: str  # what happens to returned logits: none | bridge | plain | skip
-    num_chunks: int
-    chunk_rows: int
     label: str
 
 
@@ -329,7 +185,7 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
     vocab, hidden = int(wv.shape[0]), int(wv.shape[1])
     split = m.chain.index(m.exposed) + 1 if m.exposed in m.chain else 0
     pre_nodes, post_nodes = m.chain[:split], m.chain[split:]
-    _check_tail_inputs(m.chain, m.lin)
+    check_tail_inputs(m.chain, m.lin)
     amp = region_autocast([m.lin] + m.chain, autocast_states(m.lin.graph))
     pre_key = _body(pre_nodes, "pre", lv.dtype, amp)
     # NOTE [loss dtype]: the loss's dtype is eager's (the cross_entropy node's fake value): under autocast,
@@ -340,7 +196,7 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
                      ctx.config.compiles_bodies(hv.device.type))  # fmt: skip
     cfg = ctx.config
     grad = region_grad([m.lin] + m.chain + [m.ce], ctx, m.lin.graph)  # NOTE [grad mode per node]
-    needs = [bool(grad and v is not None and v.requires_grad) for v in (hv, wv, tval(b))]
+    needs = tuple(bool(grad and v is not None and v.requires_grad) for v in (hv, wv, tval(b)))
     mode = "none"
     if m.exposed is not None and not ctx.allow_logits_output and any(needs):
         raise CantChunk("the logits are also returned, and the Inductor-pass mode cannot re-attach their gradient "
@@ -356,19 +212,20 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
                       whole_row_bytes=vocab * 2 * lv.element_size())  # logits and their gradient (NOTE [chunking pays])  # fmt: skip
     if plan.whole:
         raise CantChunk(f"the whole logits are left to Inductor: {plan.why}")
-    return HeadPlan(pre_key, post_key, needs, mode, plan.num_chunks, plan.chunk_rows, plan.label)
+    spec = HeadSpec(pre_key, post_key, m.args["ignore_index"], float(m.args["label_smoothing"]), plan.chunks, needs,
+                    mode in ("bridge", "plain"), m.args["reduction"] == "mean")  # fmt: skip
+    return HeadPlan(spec, mode, plan.label)
 
 
 def _apply(gm: fx.GraphModule, m: HeadMatch, p: HeadPlan, ctx: PassContext, rec: Region) -> None:
     h, w, b = linear_args(m.lin)
     hv, wv, lv = tval(h), tval(w), tval(m.lin)
     vocab, hidden = int(wv.shape[0]), int(wv.shape[1])
-    pre_key, post_key, needs, mode = p.pre_key, p.post_key, p.needs, p.mode
-    num_chunks, chunk_rows, label = p.num_chunks, p.chunk_rows, p.label
+    mode, label = p.mode, p.label
     g = gm.graph
     target = m.args["target"]
     with g.inserting_before(m.ce):
-        if m.exposed is not None and any(_layout_kind(n) == "getitem" for n in m.chain):
+        if m.exposed is not None and any(layout_kind(n) == "getitem" for n in m.chain):
             # NOTE [returned logits, sliced loss]: the logits are returned for every row while the loss reads a
             # slice of them (a shift: ``logits[..., :-1, :]``). Run every row, and give the rows the loss does
             # not read the label ignore_index: same sum, same count of labels, one pass.
@@ -377,15 +234,12 @@ def _apply(gm: fx.GraphModule, m: HeadMatch, p: HeadPlan, ctx: PassContext, rec:
             h_sel = h
         else:
             h_sel = _replay_layout(gm, m, h, hidden, vocab)
-        loss, logits = head_nodes(
-            g, h_sel, w, b, target, (pre_key, post_key, m.args["ignore_index"], float(m.args["label_smoothing"]),
-            num_chunks, chunk_rows, needs, mode in ("bridge", "plain"), m.args["reduction"] == "mean"), h, vocab,
-        )  # fmt: skip
+        loss, logits = head_nodes(g, h_sel, w, b, target, p.spec, h, vocab)
     loss.meta.update(m.ce.meta)
     m.ce.replace_all_uses_with(loss)
     if m.exposed is not None:
         logits.meta.update(m.exposed.meta)
-        _route_logits_output(gm, m, ctx, mode, logits, loss, h, w, b, pre_key, num_chunks, chunk_rows)
+        _route_logits_output(gm, m, ctx, mode, logits, loss, h, w, b, p.spec)
     for n in reversed([m.lin] + m.chain + [m.ce]):
         g.erase_node(n)
     rec.status, rec.chunks = "rewritten", label
@@ -397,13 +251,7 @@ def _apply(gm: fx.GraphModule, m: HeadMatch, p: HeadPlan, ctx: PassContext, rec:
     ctx.claimed.update([m.lin, m.ce] + m.chain)
 
 
-def _check_tail_inputs(chain: list[fx.Node], lin: fx.Node) -> None:
-    for n in chain:
-        if _layout_kind(n) is None and n.all_input_nodes != [n.args[0]]:
-            raise CantChunk(f"{n.name} mixes the logits with another tensor")
-
-
-def _route_logits_output(gm, m, ctx, mode, logits, loss, h, w, b, pre_key, num_chunks, chunk_rows) -> None:
+def _route_logits_output(gm, m, ctx, mode, logits, loss, h, w, b, head: HeadSpec) -> None:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     flat = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
     slots = [i for i, a in enumerate(flat) if a is m.exposed]
@@ -415,11 +263,7 @@ def _route_logits_output(gm, m, ctx, mode, logits, loss, h, w, b, pre_key, num_c
         flat += extras
     out.args = (tuple(flat),)
     lv = tval(m.exposed)
-    logits_key = registry.register_logits(pre_key, int(lv.shape[-1]), lv.dtype)
-    ctx.logits_outputs.append(
-        LogitsOutput(
-            slots, mode, list(range(extra_start, extra_start + len(extras))) if mode != "plain" else [],
-            logits_key, num_chunks, chunk_rows,
-        )  # fmt: skip
-    )
+    body = registry.register_logits(head.pre, int(lv.shape[-1]), lv.dtype)
+    extra = list(range(extra_start, extra_start + len(extras))) if mode != "plain" else []
+    ctx.logits_outputs.append(LogitsOutput(slots, mode, extra, RowwiseSpec(body, head.chunks).dumps()))
 

@@ -16,8 +16,9 @@ import sympy
 import torch
 from torch import fx
 
-from .. import _compat
-from .common import CantChunk, val
+from ... import _compat
+from ..shared import val
+from .context import CantChunk
 
 log = logging.getLogger("mst_compile.passes")
 

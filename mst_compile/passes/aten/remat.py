@@ -27,47 +27,24 @@ partitioner's CSE would merge them back). Measured: README "Measured" (llama-sma
 
 from __future__ import annotations
 
-import functools
 import logging
 import operator
 
 import torch
 from torch import fx
 
-from .. import _compat
-from ..report import counters
-from .common import InductorPass, val
-from .recompute import _GEMMS, _cheap, _numel, tangent_inputs
+from ...report import counters
+from ..shared import val
+from .base import InductorPass, numel, tangent_inputs
+from .ops import GEMMS, cheap, is_big_backward_op, is_view
 
 log = logging.getLogger("mst_compile")
 
-aten = torch.ops.aten
-
-_ATTENTION_BACKWARD = {
-    aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
-    aten._scaled_dot_product_flash_attention_backward.default, aten._scaled_dot_product_efficient_attention_backward.default,
-    aten._scaled_dot_product_cudnn_attention_backward.default,
-}  # fmt: skip
 _SMALL = 8
 
 
 class _CantRemat(Exception):
     """A value's chain cannot be cloned without extending a lifetime or repeating an expensive op."""
-
-
-def _is_view(n: fx.Node) -> bool:
-    t = n.target
-    return isinstance(t, _compat.OpOverload) and _returns_view(t)
-
-
-@functools.lru_cache(maxsize=None)
-def _returns_view(t) -> bool:
-    rets = t._schema.returns
-    return bool(rets) and rets[0].alias_info is not None and not rets[0].alias_info.is_write
-
-
-def _barrier(n: fx.Node) -> bool:
-    return n.op == "call_function" and (n.target in _ATTENTION_BACKWARD or getattr(n.target, "namespace", "") == "mst")
 
 
 class _Lifetimes:
@@ -90,7 +67,7 @@ class _Lifetimes:
 
     def _owner_of(self, n: fx.Node) -> fx.Node:
         a = n.args[0] if n.args else None
-        view = _is_view(n) or (n.target is operator.getitem and isinstance(a, fx.Node) and _is_view(a))
+        view = is_view(n) or (n.target is operator.getitem and isinstance(a, fx.Node) and is_view(a))
         return self.owner[a] if view and isinstance(a, fx.Node) else n
 
     def update(self, graph: fx.Graph, changed: list[fx.Node]) -> None:
@@ -134,11 +111,11 @@ def _remat_one(graph: fx.Graph, life: _Lifetimes, b: fx.Node) -> int:
     """Clone what crosses ``b`` and can be rebuilt after it; returns how many values stopped crossing."""
     pb = life.pos[b]
     inputs = {life.owner[a] for a in b.all_input_nodes}
-    big = max((_numel(o) for o in inputs), default=0)
+    big = max((numel(o) for o in inputs), default=0)
     crossing = {
         o for o in set(life.owner.values())
         if o.op == "call_function" and life.pos[o] < pb < life.last.get(o, -1) and o not in inputs
-        and _numel(o) * 2 >= big
+        and numel(o) * 2 >= big
     }  # fmt: skip
     plan = _plan(life, crossing, pb)
     if not crossing:
@@ -172,9 +149,9 @@ def _plan(life: _Lifetimes, crossing: set, pb: int) -> dict[fx.Node, int]:
                 if o not in seen:
                     seen.add(o)
                     undo.append((o, "seen"))
-            elif life.step_input(o) or life.last.get(o, -1) >= at or _numel(o) * _SMALL <= _numel(target):
+            elif life.step_input(o) or life.last.get(o, -1) >= at or numel(o) * _SMALL <= numel(target):
                 return  # alive at ``at`` anyway, or small
-            if a.op != "call_function" or not (_cheap(a) or a.target in _GEMMS):
+            if a.op != "call_function" or not (cheap(a) or a.target in GEMMS):
                 raise _CantRemat(target)
             if a in plan:
                 undo.append((a, plan[a]))
@@ -231,7 +208,7 @@ def remat_across_barriers(graph: fx.Graph) -> int:
     if not tangent_inputs(graph):
         return 0  # a forward or inference graph
     total = 0
-    barriers = [n for n in graph.nodes if _barrier(n)]
+    barriers = [n for n in graph.nodes if is_big_backward_op(n)]
     life = _Lifetimes(graph)  # kept up to date by ``_apply``
     for b in barriers:  # in order: clones land after ``b``, so earlier big ops never see new crossings
         total += _remat_one(graph, life, b)

@@ -24,7 +24,9 @@ import operator
 import torch
 from torch import fx
 
-from .common import PassContext, linear_args, tval
+from ..shared import tval
+from .context import PassContext
+from .nodes import linear_args
 
 
 def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:

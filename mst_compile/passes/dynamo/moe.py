@@ -5,13 +5,13 @@ experts, the experts' MLPs, the weighted combine. Its expert intermediates are a
 (``[tokens * top_k, intermediate]``; HF's ``batched_mm`` form also gathers one weight matrix per token and
 slot). The pass finds the router (a projection of the block's ``[tokens, hidden]`` input feeding a ``topk``),
 admits every node downstream of that input that is proven token-wise (NOTE [token-wise MoE],
-``moe_layout.py``), and runs the whole block as one ``mst::rowwise`` op (the MLP pass's op: its chunk loop,
+``moe_match.py``, ``moe_layout.py``), and runs the whole block as one ``mst::rowwise`` op (the MLP pass's op: its chunk loop,
 recompute and weight-gradient accumulation), the router logits (read by the load-balancing loss) returned as
 a second row-wise output next to the block's output::
 
     y = view(x); logits = linear(y, Wr); ... experts ...; out = sum(view(weighted, T, k, H), 1)
   ->
-    both = mst.rowwise(y, [Wr, W_gate_up, W_down], "<body spec>", ...)   # [T, H + E]
+    both = mst.rowwise(y, [Wr, W_gate_up, W_down], "<rowwise spec>")   # [T, H + E]
     out = both[:, :H]; logits = both[:, H:]
 
 Every size that names the token count inside the block (``view(T, k, H)``, ``arange(T * k)``) is re-addressed
@@ -35,118 +35,21 @@ import operator
 import torch
 from torch import fx
 
-from .. import _compat
-from ..ops import registry
-from ..plan import chunk_plan
-from ..report import Region
-from .common import (CantChunk, PassContext, autocast_states, emit, linear_args, numel_bytes, region_autocast, region_grad,
-                     skip, tval, val)  # fmt: skip
+from ... import _compat
+from ...ops import registry
+from ...plan import chunk_plan
+from ...report import Region
+from ..shared import tval
+from .build import emit
+from .context import CantChunk, PassContext, skip
+from .modes import autocast_states, region_autocast, region_grad
+from .nodes import numel_bytes
 from .mlp import rowwise_nodes
-from .moe_layout import Lay, Layouts, NotRowwise, is_fn, is_method, op_name, GROUPED_MM_OPS, GROUPED_MM_FUNCTIONS
+from .moe_admit import Layouts
+from .moe_layout import is_fn, is_method
+from .moe_match import find_region, has_experts, is_topk, router_of
 
 MAX_OUTPUTS = 4
-
-
-def _is_topk(n: fx.Node) -> bool:
-    return is_fn(n, torch.topk) or is_method(n, "topk")
-
-
-def _router(topk: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """``(x, router projection)`` of a top-k that ranks a projection of ``x``, else ``None``: walk back through
-    casts and the softmax to the projection, then up its input's ``view``/``reshape`` chain to the topmost
-    ``[tokens, hidden]`` value (the one the experts read too)."""
-    n = topk.args[0]
-    for _ in range(6):
-        if not isinstance(n, fx.Node):
-            return None
-        if linear_args(n) is not None:
-            break
-        single = is_method(n, "float", "to", "softmax", "type_as") or is_fn(
-            n, torch.softmax, torch.nn.functional.softmax, torch.sigmoid
-        )
-        if not single:
-            return None
-        n = n.args[0]
-    else:
-        return None
-    router = n
-    x, w, _ = linear_args(router)
-    if not isinstance(x, fx.Node) or not isinstance(w, fx.Node) or tval(w) is None or tval(w).dim() != 2:
-        return None
-    while (is_method(x, "view", "reshape") or is_fn(x, torch.reshape)) and tval(x.args[0]) is not None and (
-        tval(x.args[0]).dim() == 2
-    ):
-        x = x.args[0]
-    return x, router
-
-
-def _weight_like(n: fx.Node, memo: dict) -> bool:
-    """A value made only from parameters (and module attributes): a weight, never token-shaped."""
-    if n in memo:
-        return memo[n]
-    memo[n] = False
-    if n.op == "placeholder":
-        ok = isinstance(val(n), torch.nn.Parameter)
-    elif n.op == "get_attr":
-        ok = True
-    else:
-        ins = n.all_input_nodes
-        ok = bool(ins) and all(_weight_like(a, memo) for a in ins) and tval(n) is not None
-    memo[n] = ok
-    return ok
-
-
-def find_region(x: fx.Node, ctx: PassContext):
-    """``(region nodes in graph order, outputs, layouts)`` of the token-wise block that starts at ``x``."""
-    xv = tval(x)
-    if xv is None or xv.dim() != 2:
-        raise CantChunk(f"the router reads {x.name}, which is not a [tokens, hidden] matrix")
-    memo: dict = {}
-    lays = Layouts(x, lambda a: _weight_like(a, memo))
-    order = {n: i for i, n in enumerate(x.graph.nodes)}
-    cone, region, rejected = {x}, [], {}
-    for n in x.graph.nodes:
-        if order[n] <= order[x] or not any(a in cone for a in n.all_input_nodes):
-            continue
-        cone.add(n)
-        if n.op != "call_function" and n.op != "call_method" or n in ctx.claimed:
-            rejected[n] = f"{n.name} is not an op of this region"
-            continue
-        try:
-            lays.lay[n] = lays.admit(n)
-            region.append(n)
-        except NotRowwise as e:
-            rejected[n] = str(e)
-    region = sorted(set(region) | set(lays.extra), key=order.__getitem__)
-    inside = set(region)
-    outputs = [n for n in region if any(u not in inside for u in n.users)]
-    for n in region:
-        if n in lays.mutated and any(u not in inside for u in n.users):
-            raise CantChunk(f"{n.name} is written in place and read outside the block")
-    for o in outputs:
-        why = next((rejected[u] for u in o.users if u in rejected), "")
-        lay, v = lays.lay.get(o), tval(o)
-        if not (isinstance(lay, Lay) and lay.kind == "rows" and lay.f == 1 and lay.sort is None and v is not None):
-            raise CantChunk(f"{o.name} (inside the block, not one row per token) is read outside it" + (f": {why}" if why else ""))
-        if not v.is_floating_point():
-            raise CantChunk(f"{o.name} ({v.dtype}) is read outside the block" + (f": {why}" if why else ""))
-        if not all(isinstance(d, int) for d in v.shape[1:]):
-            raise CantChunk(f"{o.name} has a symbolic feature size")
-    return region, outputs, lays
-
-
-def _has_experts(region: list[fx.Node], lays: Layouts) -> bool:
-    """A grouped matmul, or a batched matmul / projection over weights gathered per row (``W[expert_ids]``)."""
-    gathered = {n for n in region if n.op == "call_function" and n.target is operator.getitem
-                and lays.of(n.args[0]) is None and isinstance(n.args[1], fx.Node)}  # fmt: skip
-    for n in region:
-        if op_name(n.target) in GROUPED_MM_OPS or is_fn(n, *GROUPED_MM_FUNCTIONS):
-            return True
-        if (is_fn(n, torch.bmm, torch.matmul) or is_method(n, "bmm", "matmul")) and any(
-            a in gathered for a in n.all_input_nodes
-        ):
-            return True
-    return False
 
 
 class _Rows:
@@ -251,7 +154,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
         return
     routers: dict[fx.Node, tuple] = {}
     for n in gm.graph.nodes:
-        found = _router(n) if _is_topk(n) and n not in ctx.claimed else None
+        found = router_of(n) if is_topk(n) and n not in ctx.claimed else None
         if found is not None:  # else a top-k of something else (a loss re-ranking graph inputs, say)
             routers.setdefault(found[1], (found[0], []))[1].append(n)
     for router, (x, topks) in routers.items():
@@ -263,7 +166,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
             inside = set(region)
             if not any(t in inside for t in topks):
                 raise CantChunk("the router's top-k is not token-wise here")
-            if not _has_experts(region, lays):
+            if not has_experts(region, lays):
                 first = next((u for t in topks for u in t.users), None)
                 raise CantChunk("no experts found after the router in this graph (a graph break after the top-k, "
                                 "or an expert loop not proven token-wise)" + (f"; the top-k feeds {first.name}" if first else ""))  # fmt: skip
@@ -303,7 +206,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
 def _apply(gm, x, params, key, plan, region, outputs, widths, last_input) -> None:
     g = gm.graph
     with g.inserting_before(last_input.next):  # in order: each new node goes right before that one
-        _, call = rowwise_nodes(g, x, params, key, plan.num_chunks, plan.chunk_rows, sum(widths))
+        _, call = rowwise_nodes(g, x, params, key, plan.chunks, sum(widths))
         start = 0
         for o, w in zip(outputs, widths):
             part = output_slice(g, call, start, start + w, [int(d) for d in tval(o).shape[1:]])

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import mst_compile
 from mst_compile.bench.models import build_llama
-from mst_compile.passes import causal_mask, mask_eval, mask_proof
+from mst_compile.passes.dynamo import causal_mask, mask_eval, mask_symbols
 from tests.conftest import regions, rewrite
 
 S = 24
@@ -148,10 +148,10 @@ def test_diff_and_cumsum_closed_forms():
 
 
 def test_is_kv_le_q_normal_forms():
-    k, q = mask_proof.IDX[0], mask_proof.IDX[1]
-    assert mask_proof.is_kv_le_q(sympy.Le(k, q)) and mask_proof.is_kv_le_q(sympy.Ge(q, k))
-    assert mask_proof.is_kv_le_q(sympy.Lt(k, q + 1)) and mask_proof.is_kv_le_q(sympy.Gt(q + 1, k))
-    assert not mask_proof.is_kv_le_q(sympy.Lt(k, q)) and not mask_proof.is_kv_le_q(sympy.Le(q, k))
+    k, q = mask_symbols.IDX[0], mask_symbols.IDX[1]
+    assert mask_symbols.is_kv_le_q(sympy.Le(k, q)) and mask_symbols.is_kv_le_q(sympy.Ge(q, k))
+    assert mask_symbols.is_kv_le_q(sympy.Lt(k, q + 1)) and mask_symbols.is_kv_le_q(sympy.Gt(q + 1, k))
+    assert not mask_symbols.is_kv_le_q(sympy.Lt(k, q)) and not mask_symbols.is_kv_le_q(sympy.Le(q, k))
 
 
 # soundness: near-causal masks the proof must not mistake for the causal mask (NOTE [causal-mask proof])
