@@ -24,23 +24,19 @@ from .report import Report, add_report
 log = logging.getLogger("mst_compile")
 
 
-# NOTE [buffer reuse]: Inductor's generated code keeps a dead buffer allocated when a later allocation of the
-# same size can take it, if its own estimate says the step's peak does not grow. That estimate cannot see the
-# memory inside opaque ops (mst's chunk loops, the attention backward), so on mst's graphs the extended
-# lifetimes cross the real peak: in the backward of the benchmark's Llama the two RoPE concat buffers of the
-# second layer's recomputed q and k (2 x tokens x H) stayed allocated through its attention backward until
-# the first layer's took them. Measured (llama-small, 4096 tokens, compiled step, recompute="attention"): peak
-# 213.6 -> 197.0 MiB without the reuse; step time unchanged within noise (README). ``inductor=`` overrides it.
-# NOTE [horizontal fusion]: Inductor fuses two kernels that read the same buffer even when no data flows
-# between them ("horizontal" fusion), and places the fused kernel where the earlier one was. In a backward with
-# recomputation that undoes the recomputation: the first layer's norm and RoPE (recomputed right before that
-# layer's attention backward, or again after it, NOTE [second recompute]) were fused with the second layer's
-# kernels at the top of the backward, so their ``tokens x H`` outputs, and the q, k projections reading them,
-# were computed there and held through the second layer's backward. Its guard against fusing distant kernels
-# (64 scheduler nodes apart) did not stop it. mst's graphs keep only producer-consumer fusion. Measured
-# (llama-small, compiled step; README): HF checkpointing 16384 tokens 639 -> 447 MiB with the second recompute,
-# which without this note made it worse (714); mst 16384 526 -> 494, 4096 197 -> 197. Step time on CPU unchanged
-# (1024 and 8192 tokens, side by side); on a GPU more kernels launch, not measured yet (no device lent so far).
+# NOTE [buffer reuse]: mst's graphs compile with Inductor's buffer reuse off (``inductor=`` overrides it). Reuse
+# keeps a dead buffer allocated for a later allocation of the same size when Inductor's estimate says the peak
+# does not grow; that estimate cannot see the memory inside opaque ops (mst's chunk loops, the attention
+# backward), so the extended lifetimes cross the real peak: the second layer's recomputed RoPE q and k buffers
+# (2 x tokens x H) stayed allocated through its attention backward (llama-small, 4096 tokens: peak 213.6 -> 197.0
+# MiB with reuse off).
+# NOTE [horizontal fusion]: mst's graphs keep only producer-consumer fusion. Inductor fuses two kernels that read
+# the same buffer even when no data flows between them, and places the fused kernel where the earlier one was;
+# in a backward with recomputation that undoes the recomputation: the first layer's recomputed norm and RoPE
+# (NOTE [second recompute]) were fused with the second layer's kernels at the top of the backward and their
+# ``tokens x H`` outputs held through the second layer's backward; Inductor's guard against fusing distant
+# kernels did not stop it (with the second recompute, HF checkpointing at 16384 tokens: 714 MiB with it, 447
+# without).
 _NO_HORIZONTAL_FUSION = 2**62
 
 
@@ -150,7 +146,7 @@ def _note_compile_mode() -> None:
     """NOTE [out-of-process compile]: under ``TORCHINDUCTOR_FX_COMPILE_MODE=subprocess`` (or ``serialize``) Inductor
     pickles each graph with torch's graph pickler, which accepts only ``aten`` and ``fbgemm`` ops: a graph that
     calls ``torch.ops.mst.*`` is refused there and Inductor compiles it in this process instead (its own
-    fallback; measured on torch 2.13: same result, no subprocess). Said once per mode, so the user knows why."""
+    fallback). Said once per mode, so the user knows why."""
     fx_mode = _compat.fx_compile_mode()
     if fx_mode != "normal" and fx_mode not in _NOTED_MODES:
         _NOTED_MODES.add(fx_mode)

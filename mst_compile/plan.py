@@ -21,20 +21,18 @@ from .ops.chunking import Chunks, num_chunks_for
 # NOTE [auto chunk count]: one chunk's widened tensors about the size of the region's input:
 # M = wide_size / input_size (the MLP: sum of widened widths / H; the head: fp32 logits / hidden states).
 #
-# NOTE [minimum chunk]: the automatic count is bounded below by a chunk size, because every chunk of the head
-# also adds its share into the whole weight gradient (V x H, read and written once per chunk): that traffic is
-# fixed per chunk while the chunk's GEMM work shrinks with its tokens. 512 tokens keeps it invisible at any
-# vocabulary. But the memory a 512-token chunk costs grows with the vocabulary (297 MiB of fp32 logits at
-# V = 151936), so when a 512-token chunk's intermediate is over 64 MiB the minimum drops toward 64 MiB per
-# chunk, never below 256 tokens (measured: docs/bench/qwen-vocab; smaller chunks stay available through
-# ``min_chunk_tokens`` or ``chunk_memory_mib``).
+# NOTE [minimum chunk]: the automatic count is bounded below by a chunk size (``MIN_ROWS`` tokens), because every
+# chunk of the head also adds its share into the whole weight gradient (V x H, read and written once per chunk):
+# that traffic is fixed per chunk while the chunk's GEMM work shrinks with its tokens. Such a chunk's memory
+# grows with the vocabulary (297 MiB of fp32 logits at V = 151936), so when its intermediate is over
+# ``MIN_ROWS_MIB`` MiB the minimum drops toward that size, never below ``LOWEST_MIN_ROWS`` tokens (smaller chunks
+# stay available through ``min_chunk_tokens`` or ``chunk_memory_mib``).
 MIN_ROWS, LOWEST_MIN_ROWS, MIN_ROWS_MIB = 512, 256, 64
 
 # NOTE [one chunk is whole]: an automatic plan of one chunk (a short sequence) leaves the region to Inductor
 # (``ChunkPlan.whole``), on every device: one chunk bounds nothing, and the op would only add its recompute and,
-# on the CPU, op-by-op bodies that Inductor fuses (Gemma bf16 at 256 tokens: a step 1.5-1.7x torch.compile's;
-# Gemma-2's softcapped head 128 vs 65 MiB). Short sequences so compile as torch.compile would. A count the user
-# fixed is kept, one chunk included.
+# on the CPU, op-by-op bodies that Inductor fuses (Gemma bf16 at 256 tokens: a step 1.5-1.7x torch.compile's).
+# Short sequences so compile as torch.compile would. A count the user fixed is kept, one chunk included.
 
 # NOTE [chunking pays]: with low-precision weights, a run of several chunks keeps an fp32 accumulator per weight
 # gradient (NOTE [weight-gradient accumulation]): 4 bytes per weight element that a whole region does not
@@ -47,11 +45,10 @@ MIN_ROWS, LOWEST_MIN_ROWS, MIN_ROWS_MIB = 512, 256, 64
 
 # NOTE [CUDA chunk plan]: on a GPU the per-chunk weight-gradient update (V x H, or I x H, read and written per
 # chunk) is memory-bound below ~1200 tokens on an H100, and GEMMs run best on row counts that are multiples of
-# 128. So chunks are as large as a budget allows (a fraction of the device's memory per chunk's intermediate),
-# never under 1024 rows, rounded down to a multiple of 128; a region whose whole intermediate fits the budget
-# is one chunk, so not chunked at all (NOTE [one chunk is whole]).
-# Not measured on a GPU yet (no device lent so far): the constants are the estimate, the benchmark's
-# ``gpu-check`` measures them.
+# ``CUDA_ROW_MULTIPLE``. So chunks are as large as a budget allows (``CUDA_BUDGET_FRACTION`` of the device's
+# memory per chunk's intermediate), never under ``CUDA_MIN_ROWS`` rows, rounded down to that multiple; a region
+# whose whole intermediate fits the budget is one chunk, so not chunked at all (NOTE [one chunk is whole]).
+# The constants are an estimate; the benchmark's ``gpu-check`` measures them.
 CUDA_BUDGET_FRACTION, CUDA_MIN_ROWS, CUDA_ROW_MULTIPLE = 1 / 64, 1024, 128
 
 

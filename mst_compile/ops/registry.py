@@ -28,7 +28,7 @@ _BODIES: dict[str, "Body"] = {}
 def _ops_version() -> str:
     """A hash of the ops' own source. NOTE [cache keys]: the keys are string constants in the compiled graph, so
     Inductor's on-disk caches key on them; a changed op (a fake kernel's strides, say) must not meet code
-    compiled against the old one. Seen: a stale cache entry failed Inductor's stride check after a fix."""
+    compiled against the old one."""
     h = hashlib.sha1()
     for f in sorted(os.listdir(os.path.dirname(__file__))):
         if f.endswith(".py"):

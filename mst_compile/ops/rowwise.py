@@ -5,10 +5,9 @@ writes that chunk's input gradient into its rows and accumulates parameter gradi
 per parameter (fp32 for low-precision parameters).
 
 NOTE [opaque chunk loops]: the loop lives inside a custom op so that Inductor cannot fuse or reorder across
-chunks, and the partitioner sees only the op's inputs (``x`` and the weights) as saved values. Measured on
-torch 2.13: ``checkpoint`` per chunk under compile kept all per-chunk weight-gradient partials alive
-at once (Inductor fused their sum into one kernel at the end), while an opaque op that accumulates in place
-held the peak at one chunk's intermediates.
+chunks, and the partitioner sees only the op's inputs (``x`` and the weights) as saved values. Why: under
+compile, ``checkpoint`` per chunk lets Inductor fuse the sum of the per-chunk weight-gradient partials into one
+kernel at the end, which keeps them all alive at once; an op that accumulates in place holds one chunk's.
 """
 
 from __future__ import annotations

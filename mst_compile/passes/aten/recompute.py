@@ -1,15 +1,12 @@
 """Joint-graph pass: recompute cheap per-token values in backward instead of keeping them from the forward.
 
 NOTE [selective recompute]: once the MLP and the head are chunked, what a long-sequence step keeps is the
-activations Inductor's partitioner saves per layer. Listed on the benchmark's Llama (H=512, fp32, compiled step
-under mst), each a ``tokens x H`` tensor: the layer input, the attention norm's output (it feeds the q, k, v
-projections, whose weight gradients need it), q, k, v after RoPE, the attention output, the o-projection's
-output (the residual after attention is rebuilt from it), the MLP norm's output (the chunked MLP's saved input)
-and the layer output: 18 for two layers with the final norm. The partitioner keeps the norm outputs because it
+``tokens x H`` activations Inductor's partitioner saves per layer, the norm outputs and q, k, v among them: it
 bans recomputing values that backward materializes anyway (``ban_recompute_materialized_backward``: a matmul
-reads them), which saves bandwidth and costs memory; it never recomputes a matmul.
+reads them), which saves bandwidth and costs memory, and it never recomputes a matmul. So this pass tags them
+for recompute, and a tag never makes the step keep more (the safety rules below).
 
-This pass tags forward nodes of the joint graph with ``CheckpointPolicy.PREFER_RECOMPUTE`` (the tag selective
+It tags forward nodes of the joint graph with ``CheckpointPolicy.PREFER_RECOMPUTE`` (the tag selective
 activation checkpointing uses; the min-cut partitioner must honour it and then schedules each recomputation
 just before its first backward use), in two families:
 
@@ -18,7 +15,7 @@ just before its first backward use), in two families:
   the norm's own backward keeps anyway. No GEMM is repeated.
 - ``attention`` (adds to ``norms``): the attention op's q, k and v, back through RoPE and their projection
   GEMMs to that same norm chain, recomputed right before the attention backward. Costs the q, k, v GEMMs once
-  more (a few % of a step: the head and the MLP dominate its FLOPs); frees q, k, v between forward and backward.
+  more (the head and the MLP dominate a step's FLOPs); frees q, k, v between forward and backward.
 
 Before (saved for backward, per layer)::  x, n1 = norm(x), q, k, v, o, o_proj(o), n2, layer output
 After::                                   x, o, o_proj(o), layer output      (+ per-token statistics)
@@ -35,8 +32,6 @@ Random ops, nodes that already carry a recompute policy (the user's checkpointin
 tagged; the one change to the user's policy is that a checkpointed region's output read outside every region
 is saved (NOTE [checkpointed region outputs]). Backward nodes are those AOTAutograd marks ``is_backward`` or
 that read a tangent (a decomposed LayerNorm backward recomputes ``x - mean`` without reading a tangent).
-Measured on the benchmark's Llama (README "Measured", ``docs/bench/recompute/``): step peak at 16384
-tokens 767 -> 526 MiB with NOTE [buffer reuse]; 32768 tokens fit in 975 MiB.
 """
 
 from __future__ import annotations
@@ -156,7 +151,7 @@ def _save_region_outputs(joint: _Joint, tags: set[fx.Node]) -> int:
     attention included, before the head's backward, held through that layer's own backward. Eager checkpointing
     never does that: the final norm saves its input. So a region's output that code outside every region reads
     in forward is saved (``MUST_SAVE``) when backward reads it or a chain tagged here recomputes from it, as
-    eager would. Measured: llama-small, HF checkpointing, 16384 tokens (README)."""
+    eager would."""
     saved = 0
     for n in joint.forward:
         if "ac_graph_id" not in n.meta or n.meta.get("recompute") not in _RECOMPUTE_POLICIES:

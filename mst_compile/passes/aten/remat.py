@@ -22,7 +22,7 @@ inputs: alive for the whole step), still used at the clone's place anyway, or sm
 that would extend any other lifetime, or that contains a random or an expensive op, is left alone
 (``_CantRemat``). It takes the big ops in order, so a clone made for one big op that crosses the next is cloned
 again after that one. There is no CSE after the partition, so the copies stay apart (in the joint graph the
-partitioner's CSE would merge them back). Measured: README "Measured" (llama-small with HF checkpointing).
+partitioner's CSE would merge them back).
 """
 
 from __future__ import annotations
@@ -131,11 +131,11 @@ def _plan(life: _Lifetimes, crossing: set, pb: int) -> dict[fx.Node, int]:
 
     NOTE [remat cost]: the weight gradients made before a big op are alive to the output, so they cross every
     later big op, and each fails there: dropped one at a time, the plan is made once per layer at each of the
-    layers' big ops, and a plan that walks the graph after the big op made the pass cubic in the layer count
-    (tiny Gemma-3 backward graphs, 16 / 32 layers: 3 / 20 s; now 0.3 / 1.5 s, same clones). So the readers come
-    from an index, the lifetime tables are updated after each big op rather than rebuilt, and a failed value
-    that nothing planned before it looked at (no crossing test of it came out true) only undoes its own part of
-    the plan: the plan continues from there, as a new plan would (every test it made reads the same)."""
+    layers' big ops, and a plan that walks the graph after the big op would make the pass cubic in the layer
+    count (20 s on a 32-layer tiny Gemma-3 backward graph). So the readers come from an index, the lifetime
+    tables are updated after each big op rather than rebuilt, and a failed value that nothing planned before it
+    looked at (no crossing test of it came out true) only undoes its own part of the plan: the plan continues
+    from there, as a new plan would (every test it made reads the same)."""
     while crossing:
         plan: dict[fx.Node, int] = {}
         seen: set[fx.Node] = set()  # crossing values whose membership test came out true so far

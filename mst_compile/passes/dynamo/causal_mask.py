@@ -2,10 +2,10 @@
 
 NOTE [materialized causal mask]: under tracing, HF models build the 4D boolean mask themselves (their
 ``_ignore_causal_mask_sdpa`` shortcut is disabled while Dynamo traces), so the compiled graph computes a
-``tokens x tokens`` mask, SDPA runs its masked path, and the float form of the mask is saved for backward:
-64 MiB at 4K tokens, 1 GiB at 16K (fp32, CPU) - more than the MLP and head intermediates together, and on GPU
-it also rules out the FlashAttention kernel. The mask is a pure function of the sequence length, so it can be
-decided at compile time which mask it is.
+``tokens x tokens`` mask, SDPA runs its masked path, and the float form of the mask is saved for backward
+(1 GiB at 16K tokens, fp32: more than the MLP and head intermediates together); on GPU it also rules out the
+FlashAttention kernel. The mask is a pure function of the sequence length, so it can be decided at compile time
+which mask it is.
 
 Before::
     q_idx = torch.arange(s)[None, None, :, None]; kv_idx = torch.arange(s)[None, None, None, :]
