@@ -51,6 +51,7 @@ def main() -> None:
         "loss": loss.detach(),
         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
         "aot": dict(_compat.dynamo_counters["aot_autograd"]),
+        "inductor": {k: v for k, v in _compat.dynamo_counters["inductor"].items() if k.startswith("fxgraph_cache")},
         "rewritten": int(mst_compile.counters["mlp_rewritten"]) + int(mst_compile.counters["head_rewritten"]),
     }, a.out)  # fmt: skip
     log.info("%s: %.2f s", a.backend, seconds)

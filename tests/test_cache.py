@@ -170,14 +170,20 @@ def test_a_warm_cache_serves_mst_in_a_second_process(cold_warm):
 
 @pytest.mark.slow
 def test_a_warm_cache_saves_as_much_for_mst_as_for_inductor(cold_warm):
-    """mst's warm/cold compile-time ratio against plain Inductor's, same model and step. mst's cold compile is
-    the cheaper one (its regions are opaque ops, fewer kernels to generate) while both warm compiles load the
-    same kind of entries, so the bound allows timing noise: 25% of Inductor's warm time plus half a second."""
+    """mst's warm compile against plain Inductor's, same model and step: both load every graph from the caches
+    (AOTAutograd's and Inductor's FX graph cache hit, nothing missed), so what is left is Dynamo's tracing and
+    mst's passes. Measured on a quiet machine: mst 3.2 s warm of 19.2 s cold, Inductor 3.2 s warm of 44 s cold
+    (mst's cold compile is the cheaper one: its regions are opaque ops, fewer kernels to generate). The time
+    bound is loose, as the suite's workers share the cores: it catches a warm run that compiles again."""
+    for backend in ("mst", "inductor"):
+        for warm in cold_warm[backend][1:]:
+            assert warm["inductor"].get("fxgraph_cache_hit", 0) >= 1, (backend, warm["inductor"])
+            assert not warm["inductor"].get("fxgraph_cache_miss"), (backend, warm["inductor"])
     mst, ind = _seconds(cold_warm["mst"]), _seconds(cold_warm["inductor"])
     logging.getLogger("mst_compile.tests").warning("(cold, warm) seconds: mst %s, inductor %s; warm/cold: mst %.3f, "
                                                    "inductor %.3f", mst, ind, mst[1] / mst[0], ind[1] / ind[0])  # fmt: skip
     assert mst[1] / mst[0] <= 0.5
-    assert mst[1] <= 1.25 * ind[1] + 0.5, (mst, ind)
+    assert mst[1] <= 2.5 * ind[1] + 1.0, (mst, ind)
 
 
 @pytest.mark.slow
