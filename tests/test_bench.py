@@ -236,6 +236,6 @@ def test_default_run_is_the_headline_and_full_is_every_arm():
     from mst_compile.bench.__main__ import HEADLINE, selected_arms
     from mst_compile.bench.worker import ARMS, EXTRA_ARMS
 
-    assert selected_arms(None, False) == list(HEADLINE) == ["compile", "mst"]
+    assert selected_arms(None, False) == list(HEADLINE) == ["compile", "mst", "linear_ce"]
     assert selected_arms(None, True) == selected_arms("all", False) == list(ARMS + EXTRA_ARMS)
     assert selected_arms("eager,mst", True) == ["eager", "mst"]

@@ -1,6 +1,6 @@
 """Side-by-side benchmark: every arm in its own process, same model and tokens.
 
-    python -m mst_compile.bench                                  # the headline: torch.compile vs mst, both forms
+    python -m mst_compile.bench                                  # the headline: torch.compile vs mst vs F.linear_cross_entropy
     python -m mst_compile.bench --full                           # every arm (eager, checkpointing, peers, ...)
     python -m mst_compile.bench --tokens 2048,8192,16384 --out bench_out
     python -m mst_compile.bench --ablate 4,8,16,32,64 --tokens 8192   # mst at fixed chunk counts vs automatic
@@ -74,8 +74,9 @@ def _jobs(a, arms, forms, tokens_list):
     return jobs
 
 
-#: the default arms: the strongest baseline and mst (a first run shows the headline in a few minutes)
-HEADLINE = ("compile", "mst")
+#: the default arms: the strongest baseline, mst and the strongest peer measured (``F.linear_cross_entropy``,
+#: chunked and compiled; step form only): a first run shows the headline in a few minutes
+HEADLINE = ("compile", "mst", "linear_ce")
 
 def selected_arms(arms: str | None, full: bool) -> list[str]:
     """``--arms`` as a list: the headline by default, every arm with ``--full`` or ``all``."""
