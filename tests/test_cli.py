@@ -36,6 +36,19 @@ def test_the_readme_benchmark_extra_brings_the_plot():
     assert 'pip install -e ".[bench]" && python -m mst_compile.bench' in open(os.path.join(ROOT, "README.md")).read()
 
 
+def test_ci_runs_the_readme_test_command():
+    """CI runs the README's test command: the same pytest arguments, and the test extra brings the workers."""
+    import re
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    (cmd,) = re.findall(r'pip install -e "\.\[test\]" && python -m pytest ([^\n]*)', readme)
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    (ci_cmd,) = re.findall(r"python -m pytest ([^\n]*)", ci)
+    assert ci_cmd.replace(" -p no:cacheprovider", "") == cmd, (ci_cmd, cmd)
+    extras = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["optional-dependencies"]
+    assert "-n" not in cmd.split() or any(d.startswith("pytest-xdist") for d in extras["test"]), extras["test"]
+
+
 def test_plot_without_matplotlib_says_which_extra(tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
