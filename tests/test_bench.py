@@ -8,6 +8,9 @@ import sys
 import time
 
 import pytest
+import torch
+
+import mst_compile
 
 BENCH = [sys.executable, "-m", "mst_compile.bench", "--model", "llama-tiny", "--steps", "1", "--forms", "step"]
 
@@ -239,3 +242,19 @@ def test_default_run_is_the_headline_and_full_is_every_arm():
     assert selected_arms(None, False) == list(HEADLINE) == ["compile", "mst", "linear_ce"]
     assert selected_arms(None, True) == selected_arms("all", False) == list(ARMS + EXTRA_ARMS)
     assert selected_arms("eager,mst", True) == ["eager", "mst"]
+
+
+def test_the_estimate_counts_an_mlp_chunk_as_the_pass_does():
+    """The floor's MLP bytes per token are the MLP pass's (the report's bytes saved over its chunk count)."""
+    from mst_compile.bench import zoo
+    from mst_compile.bench.floor import mlp_row_bytes
+    from tests.conftest import regions, rewrite
+
+    model = zoo.build("llama")
+    ids = torch.randint(3, 320, (2, 24))
+    with torch.no_grad():
+        _, ctx, _ = rewrite(lambda i: model(input_ids=i, labels=i).loss, ids, config=mst_compile.MSTConfig(num_chunks=3))
+    mlps = regions(ctx, "mlp", "rewritten")
+    assert len(mlps) == 2
+    for r in mlps:
+        assert r.bytes_saved == int(48 * mlp_row_bytes(zoo.I, 4) * (1 - 1 / 3)), r

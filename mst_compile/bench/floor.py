@@ -44,6 +44,12 @@ def _cfg(model):
     return c.hidden_size, heads * head_dim, kv * head_dim, heads, c.intermediate_size, c.num_hidden_layers, c.vocab_size
 
 
+def mlp_row_bytes(inter: int, elem: int) -> int:
+    """One token's widened tensors in a SwiGLU chunk, as the MLP pass counts them: gate, up, the activation and
+    the product."""
+    return 4 * inter * elem
+
+
 def chunk_rows(tokens: int, hidden: int, width: int, row_bytes: int, fixed_bytes: int = 0,
                whole_row_bytes: int | None = None) -> int:  # fmt: skip
     """Rows in the first (largest) chunk under mst's automatic policy on the CPU (``plan.chunk_plan``, the one
@@ -74,7 +80,8 @@ def floor_mib(model, tokens: int, checkpointing: bool = False, logits_returned: 
     head_bytes, head_whole = vocab * (4 if elem >= 4 else 4 + elem), 2 * vocab * elem
     head_rows = chunk_rows(tokens, h, vocab * 4 // elem, head_bytes, 0 if elem >= 4 else 4 * vocab * h, head_whole)
     head = tokens * head_whole if head_rows == tokens else head_rows * head_bytes
-    mlp_rows = chunk_rows(tokens, h, 2 * inter, 3 * inter * elem)
-    chunk = max(head, mlp_rows * 3 * inter * elem)
+    mlp_bytes = mlp_row_bytes(inter, elem)
+    mlp_rows = chunk_rows(tokens, h, 2 * inter, mlp_bytes)
+    chunk = max(head, mlp_rows * mlp_bytes)
     out = tokens * vocab * elem if logits_returned else 0
     return (grads + saved + final + chunk + out) / MIB
