@@ -94,3 +94,19 @@ def test_a_bf16_head_counts_its_accumulator_and_its_gradient_copy():
         _, ctx, _ = rewrite(head, hs, y, config=mst_compile.MSTConfig())
         status[name] = [r.status for r in ctx.regions if r.kind == "head"]
     assert status == {"bf16": ["skipped"], "fp32": ["rewritten"], "bf16 frozen": ["rewritten"]}, status
+
+
+def test_a_softcapped_bf16_head_is_still_chunked():
+    """NOTE [chunking pays] weighs the accumulator only for a head with no tail: a softcapped bf16 head (Gemma-2)
+    is chunked at the length where the plain one stays whole (measured: chunked 468 MiB, whole 567)."""
+    from tests.conftest import rewrite
+    from tests.modules import LMHead
+
+    y = torch.randint(0, 4000, (1, 1024))
+    status = {}
+    for name, cap in (("plain", None), ("softcap", 5.0)):
+        head = LMHead(h=512, v=4000, **({"softcap": cap} if cap else {})).to(torch.bfloat16)
+        hs = torch.randn(1, 1024, 512, dtype=torch.bfloat16, requires_grad=True)
+        _, ctx, _ = rewrite(head, hs, y, config=mst_compile.MSTConfig())
+        status[name] = [r.status for r in ctx.regions if r.kind == "head"]
+    assert status == {"plain": ["skipped"], "softcap": ["rewritten"]}, status

@@ -81,6 +81,13 @@ def _tail_bytes(chain: list[fx.Node], pre, post, logits_dtype: torch.dtype) -> i
     return 8 + 2 * sum(tval(n).element_size() for n in chain if layout_kind(n) is None and tval(n) is not None)
 
 
+def _whole_bytes(pre, post, vocab: int, elt: int) -> int | None:
+    """What Inductor holds per token of a whole head (NOTE [chunking pays]): the logits and their gradient, for a
+    head with no tail; None (chunking always pays) for a tail, whose whole form Inductor fuses in ways this count
+    does not follow (Gemma-2, bf16, 2048 tokens: 256-token chunks 468 MiB against the whole head's 567)."""
+    return vocab * 2 * elt if pre.cast_only and post.cast_only else None
+
+
 def _row_positions(g: fx.Graph, h: fx.Node) -> tuple:
     """``([*h.shape[:-1], 1]``: each row's flat index, to replay the loss's row selection on; the row count)."""
     hv = tval(h)
@@ -205,11 +212,12 @@ def _plan(m: HeadMatch, ctx: PassContext) -> HeadPlan:
         mode = "skip" if cfg.logits == "skip" else ("bridge" if any(needs) else "plain")
     # one chunk's fp32 logits about the size of the hidden states (NOTE [auto chunk count])
     rows = math.prod(hv.shape[:-1]) if all(isinstance(d, int) for d in hv.shape[:-1]) else None
-    row_bytes = vocab * _tail_bytes(pre_nodes + post_nodes, registry.get(pre_key), registry.get(post_key), lv.dtype)
+    pre, post = registry.get(pre_key), registry.get(post_key)
+    row_bytes = vocab * _tail_bytes(pre_nodes + post_nodes, pre, post, lv.dtype)
     plan = chunk_plan(cfg, rows=rows, input_size=hidden * hv.element_size(), wide_size=vocab * 4, row_bytes=row_bytes,
                       device_type=hv.device.type, device_index=hv.device.index,
                       fixed_bytes=accumulator_bytes([v for v, n in zip((wv, tval(b)), needs[1:]) if n]),
-                      whole_row_bytes=vocab * 2 * lv.element_size())  # logits and their gradient (NOTE [chunking pays])  # fmt: skip
+                      whole_row_bytes=_whole_bytes(pre, post, vocab, lv.element_size()))  # fmt: skip
     if plan.whole:
         raise CantChunk(f"the whole logits are left to Inductor: {plan.why}")
     spec = HeadSpec(pre_key, post_key, m.args["ignore_index"], float(m.args["label_smoothing"]), plan.chunks, needs,
