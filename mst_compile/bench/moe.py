@@ -1,6 +1,7 @@
 """One arm of the mixture-of-experts memory check in its own process; prints one JSON line.
 
     MALLOC_MMAP_THRESHOLD_=65536 python -m mst_compile.bench.moe --arm mst --arch mixtral --impl grouped_mm
+    ... --arch qwen3_moe --dtype bfloat16
 
 A tiny MoE causal LM (hidden 64, intermediate 512, 8 experts, top-2, 2 layers, vocabulary 1000; the router's
 load-balancing loss on) compiled as a step function ``ids -> loss``; the peak of a step after the warm-up
@@ -44,8 +45,9 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch 1)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps (the first one compiles)")
     p.add_argument("--options", default="", help="mst options as JSON")
+    p.add_argument("--dtype", default="float32", help="parameter dtype (float32, bfloat16)")
     a = p.parse_args(argv)
-    model = build(a.arch, a.impl)
+    model = build(a.arch, a.impl).to(getattr(torch, a.dtype))
     ids = torch.randint(0, SIZES["vocab_size"], (1, a.tokens), generator=torch.Generator().manual_seed(0))
 
     def loss_fn(ids):
@@ -67,7 +69,7 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     with PeakMeter("cpu") as meter:
         losses.append(step())
-    result = dict(arm=a.arm, arch=a.arch, impl=a.impl, tokens=a.tokens, peak_mib=round(meter.peak_mib, 1),
+    result = dict(arm=a.arm, arch=a.arch, impl=a.impl, dtype=a.dtype, tokens=a.tokens, peak_mib=round(meter.peak_mib, 1),
                   step_s=time.perf_counter() - t, compile_s=compile_s, loss=losses[-1])  # fmt: skip
     if a.arm == "mst":
         import mst_compile
