@@ -85,7 +85,9 @@ class RoutingRules:
             raise NotRowwise(f"{n.name}: a grouped matmul whose weight is not a parameter stack")
         if not (isinstance(lo, Lay) and lo.kind == "offs" and lay.sort is lo.sort and lay.f == lo.f):
             raise NotRowwise(f"{n.name}: grouped matmul offsets not counted from these rows' sorted expert ids")
-        if tval(w).shape[0] != lo.ids or set(n.kwargs) - {"offs"} or len(n.args) > 3:
+        extra = {k: v for k, v in n.kwargs.items() if k != "offs"}  # Dynamo spells out bias=None, out_dtype=None
+        if tval(w).shape[0] != lo.ids or set(extra) - {"bias", "out_dtype"} or any(v is not None for v in extra.values()) \
+                or len(n.args) > 3:  # fmt: skip
             raise NotRowwise(f"{n.name}: grouped matmul over {tval(w).shape[0]} groups, offsets for {lo.ids}")
         return Lay("rows", lay.f, lay.sort)
 
