@@ -63,8 +63,11 @@ class ChunkPlan:
 
     chunks: Chunks
     label: str
-    whole: bool = False
-    why: str = ""  # a whole plan's reason
+    why: str = ""  # why the region is left whole; empty when it is chunked
+
+    @property
+    def whole(self) -> bool:
+        return bool(self.why)
 
     def rows_in_first_chunk(self, tokens: int) -> int:
         start, stop = self.chunks.bounds(tokens)[0]
@@ -107,7 +110,7 @@ def chunk_plan(cfg, *, rows: int | None, input_size: int, wide_size: int, row_by
         r = cfg.min_chunk_tokens or max(CUDA_MIN_ROWS, fit)
         m, rule = 0, f"one per {r} tokens (<= {budget / 2**20:.0f} MiB each)"
         if isinstance(rows, int) and rows * row_bytes <= budget and cfg.min_chunk_tokens is None:
-            return ChunkPlan(Chunks(0, r), "1", whole=True, why=ONE_CHUNK)
+            return ChunkPlan(Chunks(0, r), "1", why=ONE_CHUNK)
     else:
         auto = max(1, math.ceil(wide_size / max(input_size, 1)))
         r = min_rows(cfg, row_bytes)
@@ -117,9 +120,9 @@ def chunk_plan(cfg, *, rows: int | None, input_size: int, wide_size: int, row_by
     count = num_chunks_for(rows, m, r)
     plan = ChunkPlan(Chunks(m, r), str(count))
     if not fixed and count == 1:
-        return ChunkPlan(Chunks(0, r), "1", whole=True, why=ONE_CHUNK)
+        return ChunkPlan(Chunks(0, r), "1", why=ONE_CHUNK)
     if not fixed and fixed_bytes and whole_row_bytes is not None and (
         plan.rows_in_first_chunk(rows) * row_bytes + fixed_bytes >= rows * whole_row_bytes
     ):
-        return ChunkPlan(Chunks(0, r), "1", whole=True, why=NOT_PAYING)
+        return ChunkPlan(Chunks(0, r), "1", why=NOT_PAYING)
     return plan

@@ -5,6 +5,7 @@ import torch
 
 import mst_compile
 from mst_compile.plan import CUDA_MIN_ROWS, chunk_plan
+from tests.modules import LMHead
 
 GIB = 2**30
 LLAMA8B_HEAD = dict(input_size=4096 * 2, wide_size=128256 * 4, row_bytes=128256 * 4)  # bf16 h, fp32 logits
@@ -79,34 +80,29 @@ def test_chunking_is_kept_only_where_it_pays_for_its_accumulator():
     assert not chunk_plan(mst_compile.MSTConfig(num_chunks=2), rows=1024, **head).whole  # a fixed count is kept
 
 
+def _head_status(head, dtype) -> list[str]:
+    """The head region's status when ``head`` is traced at 1024 tokens under the default config."""
+    from tests.conftest import rewrite
+
+    hs = torch.randn(1, 1024, 512, dtype=dtype, requires_grad=True)
+    _, ctx, _ = rewrite(head, hs, torch.randint(0, 4000, (1, 1024)), config=mst_compile.MSTConfig())
+    return [r.status for r in ctx.regions if r.kind == "head"]
+
+
 def test_a_bf16_head_counts_its_accumulator_and_its_gradient_copy():
     """The pass gives the plan what its op really holds (NOTE [tail temporaries], NOTE [chunking pays]): bf16 head
     weights that need a gradient leave a short head whole where fp32 weights, or a frozen bf16 head, are chunked."""
-    from tests.conftest import regions, rewrite
-    from tests.modules import LMHead
-
-    y = torch.randint(0, 4000, (1, 1024))
-    status = {}
-    for name, dtype, grad in (("bf16", torch.bfloat16, True), ("fp32", torch.float32, True),
-                              ("bf16 frozen", torch.bfloat16, False)):  # fmt: skip
-        head = LMHead(h=512, v=4000).to(dtype).requires_grad_(grad)
-        hs = torch.randn(1, 1024, 512, dtype=dtype, requires_grad=True)
-        _, ctx, _ = rewrite(head, hs, y, config=mst_compile.MSTConfig())
-        status[name] = [r.status for r in ctx.regions if r.kind == "head"]
+    status = {
+        name: _head_status(LMHead(h=512, v=4000).to(dtype).requires_grad_(grad), dtype)
+        for name, dtype, grad in (("bf16", torch.bfloat16, True), ("fp32", torch.float32, True),
+                                  ("bf16 frozen", torch.bfloat16, False))
+    }  # fmt: skip
     assert status == {"bf16": ["skipped"], "fp32": ["rewritten"], "bf16 frozen": ["rewritten"]}, status
 
 
 def test_a_softcapped_bf16_head_is_still_chunked():
     """NOTE [chunking pays] weighs the accumulator only for a head with no tail: a softcapped bf16 head (Gemma-2)
     is chunked at the length where the plain one stays whole (measured: chunked 468 MiB, whole 567)."""
-    from tests.conftest import rewrite
-    from tests.modules import LMHead
-
-    y = torch.randint(0, 4000, (1, 1024))
-    status = {}
-    for name, cap in (("plain", None), ("softcap", 5.0)):
-        head = LMHead(h=512, v=4000, **({"softcap": cap} if cap else {})).to(torch.bfloat16)
-        hs = torch.randn(1, 1024, 512, dtype=torch.bfloat16, requires_grad=True)
-        _, ctx, _ = rewrite(head, hs, y, config=mst_compile.MSTConfig())
-        status[name] = [r.status for r in ctx.regions if r.kind == "head"]
+    status = {name: _head_status(LMHead(h=512, v=4000, **kw).to(torch.bfloat16), torch.bfloat16)
+              for name, kw in (("plain", {}), ("softcap", {"softcap": 5.0}))}  # fmt: skip
     assert status == {"plain": ["skipped"], "softcap": ["rewritten"]}, status

@@ -28,7 +28,11 @@ measured peak can be below it; at long lengths the activations dominate and it i
 from __future__ import annotations
 
 
+import torch
+
 from ..config import MSTConfig
+from ..ops.accumulate import accumulator_bytes
+from ..ops.linear_ce import chunk_logit_bytes, whole_logit_bytes
 from ..plan import chunk_plan
 
 MIB = 2**20
@@ -77,8 +81,9 @@ def floor_mib(model, tokens: int, checkpointing: bool = False, logits_returned: 
     final = tokens * 2 * h * elem + (qkv if recompute == "attention" else 0)
     saved = (layers * tokens * h * elem + per_layer) if checkpointing else layers * per_layer
     # the head's plan as the pass makes it (NOTE [tail temporaries], NOTE [chunking pays])
-    head_bytes, head_whole = vocab * (4 if elem >= 4 else 4 + elem), 2 * vocab * elem
-    head_rows = chunk_rows(tokens, h, vocab * 4 // elem, head_bytes, 0 if elem >= 4 else 4 * vocab * h, head_whole)
+    head_bytes, head_whole = vocab * chunk_logit_bytes(elem, False), vocab * whole_logit_bytes(elem)
+    acc = accumulator_bytes([torch.empty((vocab, h), dtype=p.dtype, device="meta")])
+    head_rows = chunk_rows(tokens, h, vocab * 4 // elem, head_bytes, acc, head_whole)
     head = tokens * head_whole if head_rows == tokens else head_rows * head_bytes
     mlp_bytes = mlp_row_bytes(inter, elem)
     mlp_rows = chunk_rows(tokens, h, 2 * inter, mlp_bytes)

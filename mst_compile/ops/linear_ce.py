@@ -118,6 +118,19 @@ def _ce_dtype(loss_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if loss_dtype in (torch.float16, torch.bfloat16) else loss_dtype
 
 
+def chunk_logit_bytes(elt: int, compiled: bool) -> int:
+    """Bytes per logit a chunk of the fused (no-tail) path holds at once (NOTE [tail temporaries]): its fp32
+    copy, and for low-precision logits their gradient in that dtype beside it; the compiled cross-entropy
+    writes only the gradient next to the logits."""
+    return 4 if elt >= 4 else (2 * elt if compiled else 4 + elt)
+
+
+def whole_logit_bytes(elt: int) -> int:
+    """Bytes per logit a whole head with no tail holds under Inductor: the logits and their gradient
+    (NOTE [chunking pays])."""
+    return 2 * elt
+
+
 def fused_cross_entropy(zf, y, ignore_index: int, eps: float, grad: bool):
     """Sum of the cross-entropy of rows ``zf`` (modified in place) and, if ``grad``, its gradient w.r.t. ``zf``.
 

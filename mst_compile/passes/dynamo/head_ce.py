@@ -33,6 +33,7 @@ from torch import fx
 from ...ops import registry
 from ...ops.spec import HeadSpec, RowwiseSpec
 from ...ops.accumulate import accumulator_bytes
+from ...ops.linear_ce import chunk_logit_bytes, whole_logit_bytes
 from ...plan import chunk_plan
 from ...report import Region
 from ..shared import tval
@@ -76,8 +77,7 @@ def _tail_bytes(chain: list[fx.Node], pre, post, logits_dtype: torch.dtype) -> i
     and its gradient. The chunk plan bounds those bytes (Gemma-2 bf16, 2048 tokens, logits returned: 512-token
     chunks made the step's peak 608 MiB against Inductor's 567)."""
     if pre.cast_only and post.cast_only:
-        elt = torch.empty((), dtype=logits_dtype).element_size()
-        return 4 if elt >= 4 else (2 * elt if post.compiled else 4 + elt)
+        return chunk_logit_bytes(torch.empty((), dtype=logits_dtype).element_size(), post.compiled)
     return 8 + 2 * sum(tval(n).element_size() for n in chain if layout_kind(n) is None and tval(n) is not None)
 
 
@@ -85,7 +85,7 @@ def _whole_bytes(pre, post, vocab: int, elt: int) -> int | None:
     """What Inductor holds per token of a whole head (NOTE [chunking pays]): the logits and their gradient, for a
     head with no tail; None (chunking always pays) for a tail, whose whole form Inductor fuses in ways this count
     does not follow (Gemma-2, bf16, 2048 tokens: 256-token chunks 468 MiB against the whole head's 567)."""
-    return vocab * 2 * elt if pre.cast_only and post.cast_only else None
+    return vocab * whole_logit_bytes(elt) if pre.cast_only and post.cast_only else None
 
 
 def _row_positions(g: fx.Graph, h: fx.Node) -> tuple:

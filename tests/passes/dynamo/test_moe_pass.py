@@ -149,7 +149,7 @@ def test_mlp_off_turns_the_moe_pass_off():
 # -- parity through the backend ----------------------------------------------------------------------------------
 
 
-def _parity(model, lengths=(13,), dynamic=None):
+def _parity(model, lengths=(13,), dynamic=None, rtol=1e-5):
     cm = torch.compile(model, backend="mst", options=OPTIONS, dynamic=dynamic)
     worst = {}
     for n in lengths:
@@ -162,9 +162,10 @@ def _parity(model, lengths=(13,), dynamic=None):
         out.loss.backward()
         got_g = grads(model)
         model.zero_grad(set_to_none=True)
+        assert out.loss.dtype == ref.loss.dtype
         for name, a, b in [("loss", out.loss, ref.loss), ("aux_loss", out.aux_loss, ref.aux_loss),
                            ("logits", out.logits, ref.logits)] + [(k, got_g[k], ref_g[k]) for k in ref_g]:  # fmt: skip
-            assert_close_rel(a, b, name=name)
+            assert_close_rel(a, b, rtol=rtol, name=name)
             err = ((a.detach() - b.detach()).abs().max() / b.detach().abs().max().clamp_min(1e-30)).item()
             worst[name] = max(worst.get(name, 0.0), err)
         assert got_g.keys() == ref_g.keys()
@@ -220,19 +221,5 @@ def test_bf16_model_calls_grouped_mm_itself_and_is_chunked(arch):
     """With bf16 weights HF calls ``torch._grouped_mm`` (Dynamo spells out ``bias=None, out_dtype=None``) instead
     of its fp32 fallback op: the block is one region all the same, and loss, aux loss and gradients stay as
     close to eager's bf16 run as bf16 allows (each row's math is eager's; weight gradients summed in fp32)."""
-    model = tiny(arch, "grouped_mm", output_router_logits=True).to(torch.bfloat16)
-    cm = torch.compile(model, backend="mst", options=OPTIONS)
-    ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(0))
-    ref = model(input_ids=ids, labels=ids)
-    ref.loss.backward()
-    ref_g = grads(model)
-    model.zero_grad(set_to_none=True)
-    out = cm(input_ids=ids, labels=ids)
-    out.loss.backward()
-    got_g = grads(model)
+    _parity(tiny(arch, "grouped_mm", output_router_logits=True).to(torch.bfloat16), rtol=3e-2)
     assert mst_compile.counters["moe_rewritten"] == 2, [str(r) for r in mst_compile.reports()]
-    assert out.loss.dtype == ref.loss.dtype and got_g.keys() == ref_g.keys()
-    for name, a, b in [("loss", out.loss, ref.loss), ("aux_loss", out.aux_loss, ref.aux_loss)] + [
-        (k, got_g[k], ref_g[k]) for k in ref_g
-    ]:
-        assert_close_rel(a.float(), b.float(), rtol=3e-2, name=name)
