@@ -229,10 +229,24 @@ def test_chunk_cost_counts_what_each_chunk_of_the_ops_launches():
 
     c = mst_costs(rows=32, h=16, i=48, v=100, chunks=3)
     fwd, bwd, head = c["mlp forward"], c["mlp backward"], c["head forward+backward"]
-    assert (fwd.launches, bwd.launches, head.launches, head.big_passes) == (6, 17, 25, 12), (
+    # the forward: gate, up, the middle (silu, mul), the exit GEMM written into its rows (no copy)
+    assert (fwd.launches, bwd.launches, head.launches, head.big_passes) == (5, 17, 25, 12), (
         fwd.ops, bwd.ops, head.ops)  # fmt: skip
+    assert "copy_" not in fwd.ops
     # bytes: at least every chunk's input rows and weights read once
     assert fwd.bytes >= (32 * 16 + 2 * 48 * 16 + 48 * 16) * 4
+
+
+def test_chunk_cost_of_compiled_bodies_counts_inductor_kernels():
+    """With the bodies as Inductor code (NOTE [compiled bodies]) the profiler's named kernels count as launches:
+    the SwiGLU forward is 3 GEMMs and one fused kernel; in bf16 the head's cross-entropy is one kernel with 3
+    passes over a chunk's ``[rows, vocab]`` logits (its GEMMs, the logits' gradient and the loss)."""
+    from mst_compile.bench.chunk_cost import mst_costs
+
+    c = mst_costs(rows=32, h=16, i=48, v=100, chunks=3, dtype=torch.bfloat16, compiled=True)
+    fwd, bwd, head = c["mlp forward"], c["mlp backward"], c["head forward+backward"]
+    assert (fwd.launches, fwd.kernels, bwd.launches, bwd.kernels) == (4, 1, 15, 2), (fwd.ops, bwd.ops)
+    assert (head.launches, head.kernels, head.big_passes) == (10, 1, 3), head.ops
 
 
 def test_default_run_is_the_headline_and_full_is_every_arm():

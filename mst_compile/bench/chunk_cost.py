@@ -4,7 +4,9 @@ For the chunked MLP (SwiGLU) and the head + cross-entropy, per chunk: the ops la
 computes, views and allocations left out) and the bytes they read and write (each tensor argument read, each
 result written; an in-place op reads and writes its tensor), and for the head the full passes over the chunk's
 ``[rows, vocab]`` logits (the ops that touch a tensor of that size). mst's ops are counted exactly by running
-their kernels under a dispatch mode that sees every aten call; the same region under ``torch.compile`` is
+their kernels under a dispatch mode that sees every aten call; with ``--compiled`` the chunk bodies run as
+Inductor code (NOTE [compiled bodies]) and each of its generated kernels counts as one launch more (the
+profiler names them; their bytes are not seen, so the bytes column then holds the aten ops' alone); the same region under ``torch.compile`` is
 counted from what Inductor generated for one chunk's rows (its kernel count plus the GEMMs it calls; its own
 bytes-accessed figure, which it keeps for GPU code only), so the columns compare code, not timings.
 """
@@ -30,6 +32,7 @@ class Cost:
     bytes: int = 0
     ops: list = field(default_factory=list)
     big_passes: int = 0  # touches of a tensor with ``big_numel`` elements
+    kernels: int = 0  # Inductor-generated kernels among the launches (compiled bodies)
 
 
 class _Count(TorchDispatchMode):
@@ -61,8 +64,20 @@ def _kernel(op):
     return _compat.custom_op_kernel(op)
 
 
-def mst_costs(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float32) -> dict[str, Cost]:
-    """Per-chunk cost of mst's ops over ``rows * chunks`` tokens (SwiGLU MLP; head + cross-entropy)."""
+def _swiglu(x, wg, wu, wd):
+    return F.silu(F.linear(x, wg)) * F.linear(x, wu)
+
+
+def _generated_kernels(prof) -> int:
+    """Inductor's C++ kernels that ran under ``prof`` (each recorded by name: ``cpp.enable_kernel_profile``)."""
+    return sum("cpp_fused" in e.name for e in prof.events())
+
+
+def mst_costs(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float32, compiled: bool = False
+              ) -> dict[str, Cost]:  # fmt: skip
+    """Per-chunk cost of mst's ops over ``rows * chunks`` tokens (SwiGLU MLP; head + cross-entropy), the chunk
+    bodies op by op or, with ``compiled``, as Inductor code (the head's cross-entropy is compiled for
+    low-precision logits only, as the op does)."""
     from ..ops import linear_ce, registry, rowwise
     from ..ops.chunking import Chunks
     from ..ops.spec import HeadSpec, RowwiseSpec
@@ -72,24 +87,27 @@ def mst_costs(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float3
     x, grad = (torch.randn(n, h, generator=g).to(dtype) for _ in range(2))
     wg, wu, wd = (torch.randn(i, h, generator=g).to(dtype), torch.randn(i, h, generator=g).to(dtype),
                   torch.randn(h, i, generator=g).to(dtype))  # fmt: skip
-    key = registry.register_fn("cost", "swiglu", lambda x, wg, wu, wd: F.silu(F.linear(x, wg)) * F.linear(x, wu),
-                               h, None, exit_w=2)  # fmt: skip
+    key = registry.register("mlp", torch.fx.symbolic_trace(_swiglu), h, None, exit_w=2, compiled=compiled)
     mlp = RowwiseSpec(key, Chunks(chunks)).dumps()
     w = torch.randn(v, h, generator=g).to(dtype)
     y = torch.randint(0, v, (n,), generator=g)
-    cast = registry.register_cast(torch.float32)
-    head = HeadSpec(cast, cast, chunks=Chunks(chunks), needs=(True, True, False)).dumps()
+    pre, post = registry.register_cast(dtype), registry.register_cast(torch.float32, compiled=compiled)
+    head = HeadSpec(pre, post, chunks=Chunks(chunks), needs=(True, True, False)).dumps()
     res = {}
     runs = {
         "mlp forward": (lambda: _kernel(rowwise.rowwise)(x, [wg, wu, wd], mlp), -1),
         "mlp backward": (lambda: _kernel(rowwise.rowwise_backward)(grad, x, [wg, wu, wd], mlp, [True] * 4), -1),
         "head forward+backward": (lambda: _kernel(linear_ce.linear_ce)(x, w, None, y, head), rows * v),
     }  # fmt: skip
-    for name, (fn, big) in runs.items():
-        with _Count(big) as c:
-            fn()
-        cost = c.cost
-        res[name] = Cost(round(cost.launches / chunks), cost.bytes // chunks, cost.ops, round(cost.big_passes / chunks))
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+        for name, (fn, big) in runs.items():
+            if compiled:
+                fn()  # the bodies compile on their first call: not a chunk's cost
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, _Count(big) as c:
+                fn()
+            cost, k = c.cost, _generated_kernels(prof)
+            res[name] = Cost(round((cost.launches + k) / chunks), cost.bytes // chunks, cost.ops,
+                             round(cost.big_passes / chunks), round(k / chunks))  # fmt: skip
     return res
 
 
@@ -130,17 +148,20 @@ def _mib(b: int) -> str:
     return f"{b / 2**20:.1f}" if b else "n/a (CPU)"
 
 
-def table(rows: int, h: int, i: int, v: int, chunks: int) -> str:
-    mst, comp = mst_costs(rows, h, i, v, chunks), compile_costs(rows, h, i, v)
-    lines = [f"per chunk of {rows} tokens (H={h}, I={i}, V={v}, fp32); torch.compile: the region at {rows} tokens, "
-             "forward + backward together", "region | mst launches | mst MiB r+w | passes over [chunk, vocab] | "
-             "torch.compile launches | torch.compile MiB (Inductor's count)"]  # fmt: skip
-    mlp_mst = (mst["mlp forward"].launches, mst["mlp backward"].launches)
-    lines.append(f"mlp (fwd, bwd) | {mlp_mst[0]}, {mlp_mst[1]} | {mst['mlp forward'].bytes / 2**20:.1f}, "
-                 f"{mst['mlp backward'].bytes / 2**20:.1f} | - | {comp['mlp'].launches} | {_mib(comp['mlp'].bytes)}")
-    hd = mst["head forward+backward"]
-    lines.append(f"head + CE (fwd+bwd) | {hd.launches} | {hd.bytes / 2**20:.1f} | {hd.big_passes} | "
-                 f"{comp['head'].launches} | {_mib(comp['head'].bytes)}")
+def table(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float32) -> str:
+    comp = compile_costs(rows, h, i, v, dtype)
+    name = str(dtype).replace("torch.", "")
+    lines = [f"per chunk of {rows} tokens (H={h}, I={i}, V={v}, {name}); torch.compile: the region at {rows} tokens, "
+             "forward + backward together; mst compiled: the chunk bodies as Inductor code (launches include its "
+             "kernels, bytes are the aten ops' alone)", "region | mst bodies | mst launches | mst MiB r+w | "
+             "passes over [chunk, vocab] | torch.compile launches | torch.compile MiB (Inductor's count)"]  # fmt: skip
+    for compiled in (False, True):
+        mst, how = mst_costs(rows, h, i, v, chunks, dtype, compiled), "compiled" if compiled else "op by op"
+        fwd, bwd, hd = mst["mlp forward"], mst["mlp backward"], mst["head forward+backward"]
+        lines.append(f"mlp (fwd, bwd) | {how} | {fwd.launches}, {bwd.launches} | {fwd.bytes / 2**20:.1f}, "
+                     f"{bwd.bytes / 2**20:.1f} | - | {comp['mlp'].launches} | {_mib(comp['mlp'].bytes)}")
+        lines.append(f"head + CE (fwd+bwd) | {how} | {hd.launches} | {hd.bytes / 2**20:.1f} | {hd.big_passes} | "
+                     f"{comp['head'].launches} | {_mib(comp['head'].bytes)}")
     return "\n".join(lines)
 
 
@@ -151,8 +172,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=512, help="H (default: 512, the benchmark's model)")
     ap.add_argument("--intermediate", type=int, default=2048, help="I (default: 2048)")
     ap.add_argument("--vocab", type=int, default=32000, help="V (default: 32000)")
+    ap.add_argument("--dtype", default="float32", help="parameter dtype (default: float32)")
     a = ap.parse_args(argv)
-    print(table(a.rows, a.hidden, a.intermediate, a.vocab, a.chunks))
+    print(table(a.rows, a.hidden, a.intermediate, a.vocab, a.chunks, getattr(torch, a.dtype)))
     return 0
 
 

@@ -95,6 +95,20 @@ class Body:
                 out = torch.nn.functional.linear(out, params[self.exit_w], b)
         return out
 
+    def write(self, rows: torch.Tensor, x, *params) -> None:
+        """``rows.copy_(self(x, *params))``, with the exit projection's GEMM writing into ``rows`` itself when the
+        dtypes agree (``mm`` / ``addmm`` with ``out=``, the kernels ``linear`` calls: the same values, no
+        chunk-sized temporary and copy)."""
+        with self.amp():
+            mid = self.run(x, *params)
+            if self.exit_w >= 0:
+                w, b = params[self.exit_w], params[self.exit_b] if self.exit_b >= 0 else None
+                if rows.is_contiguous() and rows.dtype == mid.dtype == w.dtype and (b is None or b.dtype == w.dtype):
+                    torch.mm(mid, w.t(), out=rows) if b is None else torch.addmm(b, mid, w.t(), out=rows)
+                    return
+                mid = torch.nn.functional.linear(mid, w, b)
+        rows.copy_(mid)
+
 
 def no_autocast() -> contextlib.ExitStack:
     """Turn off the caller's autocast (the ops run inside it, opaque to it): the chunk loops cast explicitly to

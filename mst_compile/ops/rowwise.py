@@ -28,7 +28,7 @@ def rowwise(x: torch.Tensor, params: list[torch.Tensor], spec: str) -> torch.Ten
     out = x.new_empty((x.shape[0], body.out_features), dtype=body.out_dtype or x.dtype)
     with torch.no_grad(), registry.no_autocast():  # the body sets its region's autocast (NOTE [autocast])
         for s, e in rs.chunks.bounds(x.shape[0]):
-            out[s:e] = body(x[s:e], *params)
+            body.write(out[s:e], x[s:e], *params)
     return out
 
 
