@@ -53,16 +53,18 @@ class autograd_inside_op:
         return False
 
 
-def compile_fx_rows_dynamic(gm, args):
-    """Inductor's ``compile_fx`` on ``gm`` with fake inputs whose first input's dimension 0 is a symbol: one
-    compiled function for every row count of 2 or more (sizes 0 and 1 are specialized away by the ShapeEnv)."""
+def compile_fx_rows_dynamic(gm, args, rows_args=(0,)):
+    """Inductor's ``compile_fx`` on ``gm`` with fake inputs whose dimension 0 is a symbol for the inputs
+    ``rows_args`` (the row-indexed ones: a chunk's rows and, for a loss, its labels; a static row count in one of
+    them would specialize the others to it): one compiled function for every row count of 2 or more (sizes 0
+    and 1 are specialized away by the ShapeEnv)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
     mode = FakeTensorMode(shape_env=ShapeEnv())
     fakes = []
     for i, a in enumerate(args):
-        dyn = [DimDynamic.DYNAMIC if (i == 0 and d == 0) else DimDynamic.STATIC for d in range(a.dim())]
+        dyn = [DimDynamic.DYNAMIC if (i in rows_args and d == 0) else DimDynamic.STATIC for d in range(a.dim())]
         fakes.append(mode.from_tensor(a, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dyn)))
     return compile_fx(gm, fakes)
 

@@ -74,11 +74,12 @@ def test_fused_cross_entropy_in_place_math():
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_compiled_chunk_cross_entropy_matches_the_in_place_one(eps):
     """NOTE [compiled bodies]: the head's chunk cross-entropy as Inductor code (bf16 logits), one compile for
-    every chunk size, the same loss and gradients as the in-place path to bf16 rounding."""
+    every chunk size (301 rows: chunks of 101 and 100 rows, the labels' rows as dynamic as the logits'), the same
+    loss and gradients as the in-place path to bf16 rounding."""
     from mst_compile.ops import linear_ce as mod
 
     torch.manual_seed(0)
-    n, h, v = 300, 32, 1000
+    n, h, v = 301, 32, 1000
     x, w = torch.randn(n, h).bfloat16(), (torch.randn(v, h) * 0.1).bfloat16()
     y = torch.randint(0, v, (n,))
     y[:20] = -100
@@ -90,4 +91,4 @@ def test_compiled_chunk_cross_entropy_matches_the_in_place_one(eps):
     assert len(keys) == 1 and mod._COMPILED_CE[keys[0]] is not None  # compiled once for the 3 chunks
     for i in (0, 2, 3):  # loss, dh, dw
         a, b = outs[1][i].double(), outs[0][i].double()
-        assert ((a - b).abs().max() / b.abs().max()).item() < 2e-3, i
+        assert ((a - b).abs().max() / b.abs().max()).item() < 2**-8, i  # one bf16 rounding step
