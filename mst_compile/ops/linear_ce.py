@@ -195,11 +195,15 @@ def compiled_cross_entropy(z, y, ignore_index: int, eps: float, grad: bool):
         except Exception as e:  # noqa: BLE001 - a missed fusion, never a failed step
             logging.getLogger("mst_compile").warning("mst: the chunk cross-entropy could not be compiled: %s", e)
             fn = _COMPILED_CE[key] = None
-    if fn is None:
-        return fused_cross_entropy(z.float(), y, ignore_index, eps, grad)
-    with torch.no_grad():
-        loss, g = fn(z, y)
-    return loss, (g if grad else None)
+    if fn is not None:
+        try:
+            with torch.no_grad():
+                loss, g = fn(z, y)
+            return loss, (g if grad else None)
+        except Exception as e:  # noqa: BLE001 - as a compile failure: a missed fusion, never a failed step
+            logging.getLogger("mst_compile").warning("mst: the compiled chunk cross-entropy failed to run: %s", e)
+            _COMPILED_CE[key] = None
+    return fused_cross_entropy(z.float(), y, ignore_index, eps, grad)
 
 
 def _tail_cross_entropy(z, y, pre, post, logits_out, ignore_index: int, eps: float, grad: bool):

@@ -92,3 +92,22 @@ def test_compiled_chunk_cross_entropy_matches_the_in_place_one(eps):
     for i in (0, 2, 3):  # loss, dh, dw
         a, b = outs[1][i].double(), outs[0][i].double()
         assert ((a - b).abs().max() / b.abs().max()).item() < 2**-8, i  # one bf16 rounding step
+
+
+def test_a_compiled_chunk_cross_entropy_that_fails_to_run_falls_back(monkeypatch):
+    """NOTE [compiled bodies]: a run failure of the compiled cross-entropy is a missed fusion: the chunk gets the
+    in-place path's result and the compiled function is not tried again."""
+    from mst_compile.ops import linear_ce as mod
+
+    z, y = torch.randn(17, 50).bfloat16(), torch.randint(0, 50, (17,))
+    key = (z.dtype, z.device.type, 50, y.dtype, -100, 0.0)
+
+    def broken(z, y):
+        raise AssertionError("expected size 17==32")
+
+    monkeypatch.setitem(mod._COMPILED_CE, key, broken)
+    loss, g = mod.compiled_cross_entropy(z, y, -100, 0.0, True)
+    ref_loss, ref_g = mod.fused_cross_entropy(z.float(), y, -100, 0.0, True)
+    assert mod._COMPILED_CE[key] is None
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(g, ref_g)
