@@ -247,6 +247,9 @@ def test_chunk_cost_of_compiled_bodies_counts_inductor_kernels():
     fwd, bwd, head = c["mlp forward"], c["mlp backward"], c["head forward+backward"]
     assert (fwd.launches, fwd.kernels, bwd.launches, bwd.kernels) == (4, 1, 15, 2), (fwd.ops, bwd.ops)
     assert (head.launches, head.kernels, head.big_passes) == (10, 1, 3), head.ops
+    # fp32 logits: the kernel writes the gradient over the logits (no [rows, vocab] temporary)
+    head = mst_costs(rows=32, h=16, i=48, v=100, chunks=3, compiled=True)["head forward+backward"]
+    assert (head.launches, head.kernels, head.big_passes) == (8, 1, 3), head.ops
 
 
 def test_default_run_is_the_headline_and_full_is_every_arm():

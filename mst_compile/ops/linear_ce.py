@@ -71,7 +71,7 @@ def _linear_ce(h, w, b, labels, head: HeadSpec):
         if fused:
             if want_logits:
                 logits[s:e] = z
-            if post.compiled and z.dtype in (torch.float16, torch.bfloat16) and e - s > 1:
+            if post.compiled and e - s > 1 and (z.dtype in (torch.float16, torch.bfloat16) or z.dtype == ce_dtype == torch.float32):
                 loss, gz = compiled_cross_entropy(z, labels[s:e], ignore_index, label_smoothing, grad)
             else:
                 zf = z.to(ce_dtype)
@@ -176,18 +176,29 @@ def _chunk_cross_entropy(z, y, *, ignore_index: int, eps: float, vocab: int):
     return loss, (g * valid.unsqueeze(1).to(torch.float32)).to(z.dtype)
 
 
+def _chunk_cross_entropy_into(z, y, *, ignore_index: int, eps: float, vocab: int):
+    """For fp32 logits: the loss, the gradient written over ``z`` itself (Inductor stores the mutated input in
+    place), so a chunk holds its logits alone, as the in-place path does."""
+    loss, g = _chunk_cross_entropy(z, y, ignore_index=ignore_index, eps=eps, vocab=vocab)
+    z.copy_(g)
+    return loss
+
+
 _COMPILED_CE: dict = {}
 
 
 def compiled_cross_entropy(z, y, ignore_index: int, eps: float, grad: bool):
-    """A chunk's cross-entropy as Inductor code (NOTE [compiled bodies]): for low-precision logits, where the
-    gradient it writes (in ``z``'s dtype) replaces the fp32 copy the in-place path makes. One compile per
+    """A chunk's cross-entropy as Inductor code (NOTE [compiled bodies]): for low-precision logits, the
+    gradient it writes (in ``z``'s dtype) replaces the fp32 copy the in-place path makes; fp32 logits get their
+    gradient written over them (``z`` is then modified, as the in-place path modifies its copy). One compile per
     dtype, vocabulary, ``ignore_index`` and smoothing, the row count a symbol. Falls back to the in-place path."""
     key = (z.dtype, z.device.type, z.shape[1], y.dtype, ignore_index, float(eps))
+    into = z.dtype == torch.float32
     fn = _COMPILED_CE.get(key)
-    if fn is None:
+    if fn is None and key not in _COMPILED_CE:
         try:
-            f = functools.partial(_chunk_cross_entropy, ignore_index=ignore_index, eps=float(eps), vocab=z.shape[1])
+            body = _chunk_cross_entropy_into if into else _chunk_cross_entropy
+            f = functools.partial(body, ignore_index=ignore_index, eps=float(eps), vocab=z.shape[1])
             gm = torch.fx.symbolic_trace(lambda z, y: f(z, y))
             with torch.no_grad():
                 compiled = _compat.compile_fx_rows_dynamic(gm, [z, y], rows_args=(0, 1))
@@ -198,7 +209,8 @@ def compiled_cross_entropy(z, y, ignore_index: int, eps: float, grad: bool):
     if fn is not None:
         try:
             with torch.no_grad():
-                loss, g = fn(z, y)
+                out = fn(z, y)
+            loss, g = (out if isinstance(out, torch.Tensor) else out[0], z) if into else out
             return loss, (g if grad else None)
         except Exception as e:  # noqa: BLE001 - as a compile failure: a missed fusion, never a failed step
             logging.getLogger("mst_compile").warning("mst: the compiled chunk cross-entropy failed to run: %s", e)

@@ -111,3 +111,23 @@ def test_a_compiled_chunk_cross_entropy_that_fails_to_run_falls_back(monkeypatch
     assert mod._COMPILED_CE[key] is None
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(g, ref_g)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_compiled_fp32_chunk_cross_entropy_writes_the_gradient_over_the_logits(eps):
+    """NOTE [compiled bodies], fp32 logits: one compile for a full and a ragged chunk; the gradient is the logits'
+    own storage (a chunk holds its logits alone, as the in-place path does), the values the in-place path's."""
+    from mst_compile.ops import linear_ce as mod
+
+    torch.manual_seed(0)
+    z, y = torch.randn(32, 100), torch.randint(0, 100, (32,))
+    y[2] = -100
+    for n in (32, 17):
+        zc = z[:n].clone()
+        loss, g = mod.compiled_cross_entropy(zc, y[:n], -100, eps, True)
+        ref_loss, ref_g = mod.fused_cross_entropy(z[:n].clone(), y[:n], -100, eps, True)
+        assert g.data_ptr() == zc.data_ptr()
+        torch.testing.assert_close(loss, ref_loss)
+        torch.testing.assert_close(g, ref_g)
+    key = (torch.float32, "cpu", 100, torch.int64, -100, float(eps))
+    assert mod._COMPILED_CE[key] is not None
