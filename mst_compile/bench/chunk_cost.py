@@ -4,9 +4,10 @@ For the chunked MLP (SwiGLU) and the head + cross-entropy, per chunk: the ops la
 computes, views and allocations left out) and the bytes they read and write (each tensor argument read, each
 result written; an in-place op reads and writes its tensor), and for the head the full passes over the chunk's
 ``[rows, vocab]`` logits (the ops that touch a tensor of that size). mst's ops are counted exactly by running
-their kernels under a dispatch mode that sees every aten call; with ``--compiled`` the chunk bodies run as
-Inductor code (NOTE [compiled bodies]) and each of its generated kernels counts as one launch more (the
-profiler names them; their bytes are not seen, so the bytes column then holds the aten ops' alone); the same region under ``torch.compile`` is
+their kernels under a dispatch mode that sees every aten call, once with the chunk bodies op by op and once as
+Inductor code (NOTE [compiled bodies]), where each generated kernel counts as one launch more (the profiler
+names them; their bytes are not seen, so the bytes column then holds the aten ops' alone); the same region under
+``torch.compile`` is
 counted from what Inductor generated for one chunk's rows (its kernel count plus the GEMMs it calls; its own
 bytes-accessed figure, which it keeps for GPU code only), so the columns compare code, not timings.
 """
@@ -77,8 +78,8 @@ def _generated_kernels(prof) -> int:
 def mst_costs(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float32, compiled: bool = False
               ) -> dict[str, Cost]:  # fmt: skip
     """Per-chunk cost of mst's ops over ``rows * chunks`` tokens (SwiGLU MLP; head + cross-entropy), the chunk
-    bodies op by op or, with ``compiled``, as Inductor code (the head's cross-entropy is compiled for
-    low-precision logits only, as the op does)."""
+    bodies op by op or, with ``compiled``, as Inductor code (the head's cross-entropy where the op compiles it:
+    ``linear_ce.compiles_cross_entropy``)."""
     from ..ops import linear_ce, registry, rowwise
     from ..ops.chunking import Chunks
     from ..ops.spec import HeadSpec, RowwiseSpec
@@ -101,8 +102,8 @@ def mst_costs(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float3
         "head forward+backward": (lambda: _kernel(linear_ce.linear_ce)(x, w, None, y, head), rows * v),
     }  # fmt: skip
     # bodies compiled earlier in this process were built without the kernels' profiler records: compile afresh
-    fresh = (mock.patch.dict(registry._COMPILED, clear=True), mock.patch.dict(linear_ce._COMPILED_CE, clear=True))
-    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}), fresh[0], fresh[1]:
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}), mock.patch.dict(
+        registry._COMPILED, clear=True), mock.patch.dict(linear_ce._COMPILED_CE, clear=True):  # fmt: skip
         for name, (fn, big) in runs.items():
             if compiled:
                 fn()  # the bodies compile on their first call: not a chunk's cost

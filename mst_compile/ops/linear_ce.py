@@ -71,7 +71,7 @@ def _linear_ce(h, w, b, labels, head: HeadSpec):
         if fused:
             if want_logits:
                 logits[s:e] = z
-            if post.compiled and e - s > 1 and (z.dtype in (torch.float16, torch.bfloat16) or z.dtype == ce_dtype == torch.float32):
+            if post.compiled and e - s > 1 and compiles_cross_entropy(z.dtype, ce_dtype):
                 loss, gz = compiled_cross_entropy(z, labels[s:e], ignore_index, label_smoothing, grad)
             else:
                 zf = z.to(ce_dtype)
@@ -181,7 +181,18 @@ def _chunk_cross_entropy_into(z, y, *, ignore_index: int, eps: float, vocab: int
     place), so a chunk holds its logits alone, as the in-place path does."""
     loss, g = _chunk_cross_entropy(z, y, ignore_index=ignore_index, eps=eps, vocab=vocab)
     z.copy_(g)
-    return loss
+    return (loss,)
+
+
+def compiles_cross_entropy(logits_dtype: torch.dtype, ce_dtype: torch.dtype) -> bool:
+    """Whether a chunk's cross-entropy runs as Inductor code when bodies are compiled: low-precision logits, and
+    fp32 logits whose loss is fp32 (their gradient written over them)."""
+    return logits_dtype in (torch.float16, torch.bfloat16) or logits_dtype == ce_dtype == torch.float32
+
+
+def ce_key(z, y, ignore_index: int, eps: float) -> tuple:
+    """What one compiled chunk cross-entropy serves (the row count is a symbol)."""
+    return (z.dtype, z.device.type, z.shape[1], y.dtype, ignore_index, float(eps))
 
 
 _COMPILED_CE: dict = {}
@@ -192,7 +203,7 @@ def compiled_cross_entropy(z, y, ignore_index: int, eps: float, grad: bool):
     gradient it writes (in ``z``'s dtype) replaces the fp32 copy the in-place path makes; fp32 logits get their
     gradient written over them (``z`` is then modified, as the in-place path modifies its copy). One compile per
     dtype, vocabulary, ``ignore_index`` and smoothing, the row count a symbol. Falls back to the in-place path."""
-    key = (z.dtype, z.device.type, z.shape[1], y.dtype, ignore_index, float(eps))
+    key = ce_key(z, y, ignore_index, eps)
     into = z.dtype == torch.float32
     fn = _COMPILED_CE.get(key)
     if fn is None and key not in _COMPILED_CE:
@@ -210,7 +221,7 @@ def compiled_cross_entropy(z, y, ignore_index: int, eps: float, grad: bool):
         try:
             with torch.no_grad():
                 out = fn(z, y)
-            loss, g = (out if isinstance(out, torch.Tensor) else out[0], z) if into else out
+            loss, g = (out[0], z) if into else out
             return loss, (g if grad else None)
         except Exception as e:  # noqa: BLE001 - as a compile failure: a missed fusion, never a failed step
             logging.getLogger("mst_compile").warning("mst: the compiled chunk cross-entropy failed to run: %s", e)

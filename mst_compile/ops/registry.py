@@ -87,27 +87,30 @@ class Body:
         with self.amp():
             return self.run(x, *params)
 
+    def _exit(self, params) -> tuple:
+        """The exit projection's weight and bias (NOTE [exit projection])."""
+        return params[self.exit_w], params[self.exit_b] if self.exit_b >= 0 else None
+
     def __call__(self, x, *params):
         with self.amp():
             out = self.run(x, *params)
             if self.exit_w >= 0:
-                b = params[self.exit_b] if self.exit_b >= 0 else None
-                out = torch.nn.functional.linear(out, params[self.exit_w], b)
+                out = torch.nn.functional.linear(out, *self._exit(params))
         return out
 
     def write(self, rows: torch.Tensor, x, *params) -> None:
         """``rows.copy_(self(x, *params))``, with the exit projection's GEMM writing into ``rows`` itself when the
         dtypes agree (``mm`` / ``addmm`` with ``out=``, the kernels ``linear`` calls: the same values, no
-        chunk-sized temporary and copy)."""
-        with self.amp():
-            mid = self.run(x, *params)
-            if self.exit_w >= 0:
-                w, b = params[self.exit_w], params[self.exit_b] if self.exit_b >= 0 else None
-                if rows.is_contiguous() and rows.dtype == mid.dtype == w.dtype and (b is None or b.dtype == w.dtype):
-                    torch.mm(mid, w.t(), out=rows) if b is None else torch.addmm(b, mid, w.t(), out=rows)
-                    return
-                mid = torch.nn.functional.linear(mid, w, b)
-        rows.copy_(mid)
+        chunk-sized temporary and copy; outside autocast, which takes no ``out=``)."""
+        out = self.inner(x, *params)
+        if self.exit_w >= 0:
+            w, b = self._exit(params)
+            if rows.is_contiguous() and rows.dtype == out.dtype == w.dtype and (b is None or b.dtype == w.dtype):
+                torch.mm(out, w.t(), out=rows) if b is None else torch.addmm(b, out, w.t(), out=rows)
+                return
+            with self.amp():
+                out = torch.nn.functional.linear(out, w, b)
+        rows.copy_(out)
 
 
 def no_autocast() -> contextlib.ExitStack:
