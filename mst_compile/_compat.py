@@ -57,7 +57,10 @@ def compile_fx_rows_dynamic(gm, args, rows_args=(0,)):
     """Inductor's ``compile_fx`` on ``gm`` with fake inputs whose dimension 0 is a symbol for the inputs
     ``rows_args`` (the row-indexed ones: a chunk's rows and, for a loss, its labels; a static row count in one of
     them would specialize the others to it): one compiled function for every row count of 2 or more (sizes 0
-    and 1 are specialized away by the ShapeEnv)."""
+    and 1 are specialized away by the ShapeEnv). ``gm`` itself is left as it was (a copy is compiled):
+    ``compile_fx`` annotates and rewrites the graph it is given, and a registered body holds no fake values."""
+    import copy
+
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
@@ -66,7 +69,7 @@ def compile_fx_rows_dynamic(gm, args, rows_args=(0,)):
     for i, a in enumerate(args):
         dyn = [DimDynamic.DYNAMIC if (i in rows_args and d == 0) else DimDynamic.STATIC for d in range(a.dim())]
         fakes.append(mode.from_tensor(a, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dyn)))
-    return compile_fx(gm, fakes)
+    return compile_fx(copy.deepcopy(gm), fakes)
 
 
 def custom_op_kernel(op):
