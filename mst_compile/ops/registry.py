@@ -10,6 +10,7 @@ the body's content, never a counter, so two processes that produce the same grap
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import Callable
 import torch
 
 from .. import _compat
+from . import entry
 from .spec import BodySpec, amp_field, dtype_name, parse, pickle_graph, unpickle_graph
 
 log = logging.getLogger("mst_compile")
@@ -66,13 +68,27 @@ class Body:
 
     def run(self, x, *params):
         """``fn(x, *params)``, compiled when the body says so (NOTE [compiled bodies])."""
-        if self.compiled and self.code not in _NOT_COMPILABLE and x.shape[0] > 1:
+        return self._run(self.fn, self.code, [x, *params], 1)
+
+    def _run(self, fn, code: str, args: list, rows: int):
+        """``fn(*args)``; compiled, the first ``rows`` arguments row-indexed (their dimension 0 a symbol)."""
+        if self.compiled and code not in _NOT_COMPILABLE and args[0].shape[0] > 1:
             try:
-                return _compiled_fn(self, x, params)(x, *params)
+                return _compiled_fn(fn, code, args, rows)(*args)
             except Exception as e:  # noqa: BLE001 - a missed fusion, never a failed step
-                _NOT_COMPILABLE.add(self.code)
+                _NOT_COMPILABLE.add(code)
                 log.warning("mst: a chunk body could not be compiled, running it op by op: %s: %s", type(e).__name__, e)
-        return self.fn(x, *params)
+        return fn(*args)
+
+    @functools.cached_property
+    def entries(self) -> entry.Entries | None:
+        """The body split at its entry projections (NOTE [entry projections]); ``None`` where it does not split."""
+        return entry.split(self.fn) if isinstance(self.fn, torch.fx.GraphModule) else None
+
+    def middle(self, es: list, *params):
+        """The body after its entry projections, on their outputs ``es``, under the region's autocast."""
+        with self.amp():
+            return self._run(self.entries.middle, self.code + "\n# middle", [*es, *params], len(es))
 
     def amp(self):
         """The region's autocast state, set explicitly: entered when the region ran under autocast, and turned
@@ -127,23 +143,23 @@ _COMPILED: dict[tuple, Callable] = {}
 _NOT_COMPILABLE: set[str] = set()
 
 
-def _compiled_fn(body: Body, x, params) -> Callable:
-    """Inductor's ``compile_fx`` on the body's graph (no Dynamo: the op runs inside compiled code, where Dynamo
+def _compiled_fn(fn, code: str, args: list, rows: int) -> Callable:
+    """Inductor's ``compile_fx`` on a body's graph (no Dynamo: the op runs inside compiled code, where Dynamo
     does not trace), the row count a symbol: one compile per grad mode, autocast, dtypes and set of inputs
     needing a gradient, shared by every chunk size and by the same body in every layer."""
-    args = [x, *params]
-    key = (body.code, torch.is_grad_enabled(), torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(
+    x = args[0]
+    key = (code, torch.is_grad_enabled(), torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(
         x.device.type) else None, tuple((tuple(a.shape[1:]), a.dtype, a.device.type, a.requires_grad) for a in args))
-    fn = _COMPILED.get(key)
-    if fn is None:
-        compiled = _compat.compile_fx_rows_dynamic(body.fn, args)
+    compiled_fn = _COMPILED.get(key)
+    if compiled_fn is None:
+        compiled = _compat.compile_fx_rows_dynamic(fn, args, rows_args=tuple(range(rows)))
 
-        def fn(*a, compiled=compiled):
+        def compiled_fn(*a, compiled=compiled):
             out = compiled(*a)
             return out[0] if isinstance(out, (list, tuple)) else out  # compile_fx returns the outputs boxed
 
-        _COMPILED[key] = fn
-    return fn
+        _COMPILED[key] = compiled_fn
+    return compiled_fn
 
 
 def register(

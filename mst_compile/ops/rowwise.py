@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _compat
-from . import registry
+from . import entry, registry
 from .accumulate import GradAccumulator
 from .spec import RowwiseSpec, parse
 
@@ -54,12 +54,23 @@ def rowwise_backward(
     bounds = rs.chunks.bounds(x.shape[0])
     # NOTE [weight-gradient accumulation]
     accs = [GradAccumulator(p, len(bounds)) if n else None for p, n in zip(params, needs[1:])]
-    wanted = [p for p, n in zip(leaves, needs[1:]) if n]
-    inputs_needed = needs[0] or bool(wanted)
+    # NOTE [entry projections]: the op's own GEMMs for the projections of x, autograd for the middle
+    ent = body.entries if entry.applies(body.entries, x, params, body.autocast) else None
+    owned = ent.owned() if ent else set()
+    wanted = [p for i, (p, n) in enumerate(zip(leaves, needs[1:])) if n and i not in owned]
+    ent_grads = bool(ent) and (needs[0] or any(needs[1 + i] for i in owned))
     with _compat.autograd_inside_op(), registry.no_autocast():  # the exit GEMMs run in the body's dtype
         for s, e in bounds:
-            xc = x[s:e].detach().requires_grad_(needs[0])
-            out, g_out = body.inner(xc, *leaves), grad[s:e]
+            xr = x[s:e].detach()
+            if ent:
+                with torch.no_grad():
+                    es = entry.project(ent, xr, params)
+                es = [t.requires_grad_(ent_grads) for t in es]
+                out, inputs = body.middle(es, *leaves), (es if ent_grads else []) + wanted
+            else:
+                xc = xr.requires_grad_(needs[0])
+                out, inputs = body.inner(xc, *leaves), ([xc] if needs[0] else []) + wanted
+            g_out = grad[s:e]
             if body.exit_w >= 0:  # NOTE [exit projection]; the GEMMs run in the body's compute dtype
                 mid = out.detach()
                 cd = mid.dtype
@@ -68,21 +79,29 @@ def rowwise_backward(
                 if body.exit_b >= 0 and needs[1 + body.exit_b]:
                     accs[body.exit_b].add(g_out.sum(0, dtype=accs[body.exit_b].acc_dtype))
                 g_out = g_out.to(cd) @ params[body.exit_w].detach().to(cd)
-            if not inputs_needed or not out.requires_grad:
+            if not inputs or not out.requires_grad:
                 if needs[0]:
                     gx[s:e] = 0
                 out = mid = g_out = None
                 continue
-            inputs = ([xc] if needs[0] else []) + wanted
             grads = list(torch.autograd.grad(out, inputs, g_out, allow_unused=True))
-            if needs[0]:
+            if ent_grads:
+                ges, grads = grads[: len(es)], grads[len(es) :]
+                for g, w, b in zip(ges, ent.weights, ent.biases):
+                    if g is not None and needs[1 + w]:
+                        accs[w].add_mm(g.t(), xr)
+                    if g is not None and b >= 0 and needs[1 + b]:
+                        accs[b].add(g.sum(0, dtype=accs[b].acc_dtype))
+                if needs[0]:
+                    entry.input_grad(ent, ges, params, gx[s:e])
+                es = ges = None
+            elif needs[0]:
                 g = grads.pop(0)
                 gx[s:e] = 0 if g is None else g
             it = iter(grads)
-            for acc, n in zip(accs, needs[1:]):
-                if n:
-                    g = next(it)
-                    acc.add(g)
+            for i, (acc, n) in enumerate(zip(accs, needs[1:])):
+                if n and i not in owned:
+                    acc.add(next(it))
             # this chunk's output, its gradient and the weight-sized partials must not be alive while the next
             # chunk's forward is recomputed
             out = mid = g_out = grads = g = None

@@ -1,0 +1,104 @@
+"""The entry projections of a row-wise body: the GEMMs that read the chunk's input, issued by the op itself.
+
+NOTE [entry projections]: a body whose input ``x`` is read only by projections ``linear(x, W_k[, b_k])`` of its
+own parameters (each ``W_k``, ``b_k`` read by nothing else) is split into those projections and a *middle*
+``middle(e_0, .., e_{K-1}, *params)`` (``e_k`` the projections' outputs, the parameters passed as before). The
+backward's recompute then runs the projections without autograd and only the middle under it, so that each
+chunk's projection gradients are GEMMs of the op's own, written where they belong:
+``W_k``'s into its accumulator (``addmm_``: no weight-sized temporary, no add; NOTE [weight-gradient
+accumulation]), ``x``'s straight into the input gradient's rows (``mm(out=)`` then ``addmm_``: no copy, no add of
+the K partial gradients). It applies when the projections and their inputs share one dtype and the region ran
+without autocast (autocast would round ``x`` and ``W_k`` first: those stay with autograd, as before). The
+values are the ones autograd computes (the same GEMMs), up to the order in which the K partials of ``x``'s
+gradient are summed. Before and after, for a SwiGLU body::
+
+    fn(x, wg, wu, wd):  silu(linear(x, wg)) * linear(x, wu)
+    middle(e0, e1, wg, wu, wd):  silu(e0) * e1        entries: (weight 0, no bias), (weight 1, no bias)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+_LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+@dataclass(frozen=True)
+class Entries:
+    """A body split at its entry projections: ``weights[k]``, ``biases[k]`` index the body's parameters (``-1``:
+    no bias)."""
+
+    middle: fx.GraphModule
+    weights: tuple[int, ...]
+    biases: tuple[int, ...]
+
+    def owned(self) -> set[int]:
+        """The parameters only the projections read: their gradients are the op's GEMMs, not autograd's."""
+        return set(self.weights) | {b for b in self.biases if b >= 0}
+
+
+def _linear_args(n: fx.Node):
+    args = list(n.args) + [None] * (3 - len(n.args))
+    return args[0], args[1], n.kwargs.get("bias", args[2])
+
+
+def split(gm: fx.GraphModule) -> Entries | None:
+    """The split of NOTE [entry projections], or ``None`` where the body does not have that shape."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(phs) < 2:
+        return None
+    x, params = phs[0], phs[1:]
+    index = {p: i for i, p in enumerate(params)}
+    entries = list(x.users)
+    if not entries or any(u.op != "call_function" or u.target not in _LINEARS or u.kwargs.keys() - {"bias"}
+                          for u in entries):  # fmt: skip
+        return None
+    weights, biases = [], []
+    for u in entries:
+        a, w, b = _linear_args(u)
+        if a is not x or w not in index or (b is not None and b not in index):
+            return None
+        if len(w.users) != 1 or (b is not None and len(b.users) != 1):
+            return None
+        weights.append(index[w])
+        biases.append(index[b] if b is not None else -1)
+    if len(set(weights) | {b for b in biases if b >= 0}) != len(weights) + sum(b >= 0 for b in biases):
+        return None  # one parameter in two projections
+    g = fx.Graph()
+    env = {u: g.placeholder(f"e{k}") for k, u in enumerate(entries)}
+    env.update({p: g.placeholder(p.name) for p in params})
+    for n in gm.graph.nodes:
+        if n.op != "placeholder" and n not in env:
+            env[n] = g.node_copy(n, env.__getitem__)
+    return Entries(fx.GraphModule(torch.nn.Module(), g), tuple(weights), tuple(biases))
+
+
+def applies(entries: Entries | None, x: torch.Tensor, params, autocast) -> bool:
+    """Whether the op may issue the projections itself for these inputs (NOTE [entry projections])."""
+    if entries is None or autocast:
+        return False
+    ps = [params[i] for i in entries.weights] + [params[b] for b in entries.biases if b >= 0]
+    return all(p.dtype == x.dtype for p in ps)
+
+
+def project(entries: Entries, x: torch.Tensor, params) -> list[torch.Tensor]:
+    """The projections' outputs ``e_k = linear(x, W_k, b_k)`` (no autograd: the op computes their gradients)."""
+    out = []
+    for w, b in zip(entries.weights, entries.biases):
+        wt = params[w].detach().t()
+        out.append(torch.mm(x, wt) if b < 0 else torch.addmm(params[b].detach(), x, wt))
+    return out
+
+
+def input_grad(entries: Entries, grads, params, rows: torch.Tensor) -> None:
+    """``rows = sum_k grads[k] @ W_k`` written in place: the first GEMM writes, the next ones add (``addmm_``)."""
+    for k, (g, w) in enumerate(zip(grads, entries.weights)):
+        wk = params[w].detach()
+        if g is None:
+            if k == 0:
+                rows.zero_()
+            continue
+        torch.mm(g, wk, out=rows) if k == 0 else rows.addmm_(g, wk)

@@ -1,0 +1,90 @@
+"""NOTE [entry projections]: the split on traced bodies, and the backward that issues the projections' GEMMs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mst_compile  # noqa: F401
+from mst_compile.ops import entry, registry
+from tests.conftest import rowwise_spec
+
+
+def _swiglu(x, wg, wu, wd):
+    return F.silu(F.linear(x, wg)) * F.linear(x, wu)
+
+
+def _fused_gate_up(x, w, b, wd):
+    gate, up = F.linear(x, w, b).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _residual(x, wg, wu, wd):
+    return F.silu(F.linear(x, wg)) * F.linear(x, wu) + x.sum(-1, keepdim=True)
+
+
+def _shared(x, w, wu, wd):
+    return F.silu(F.linear(x, w)) * F.linear(x, w)
+
+
+def _weight_in_middle(x, wg, wu, wd):
+    return F.silu(F.linear(x, wg)) * F.linear(x, wu) * wg.sum()
+
+
+def test_swiglu_splits_at_its_two_projections():
+    e = entry.split(torch.fx.symbolic_trace(_swiglu))
+    assert (e.weights, e.biases, e.owned()) == ((0, 1), (-1, -1), {0, 1})
+    code = e.middle.code
+    assert "linear" not in code and "silu" in code
+    a, b = torch.randn(5, 8), torch.randn(5, 8)
+    torch.testing.assert_close(e.middle(a, b, None, None, None), F.silu(a) * b)
+
+
+def test_a_fused_gate_up_with_bias_is_one_projection():
+    e = entry.split(torch.fx.symbolic_trace(_fused_gate_up))
+    assert (e.weights, e.biases, e.owned()) == ((0,), (1,), {0, 1})
+
+
+@pytest.mark.parametrize("fn", [_residual, _shared, _weight_in_middle], ids=["x-read-elsewhere", "one-weight-twice",
+                                                                             "weight-read-in-the-middle"])
+def test_bodies_of_other_shapes_do_not_split(fn):
+    assert entry.split(torch.fx.symbolic_trace(fn)) is None
+
+
+def _params(shapes, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+def test_gradcheck_through_the_split_with_ragged_chunks():
+    key = registry.register("mlp", torch.fx.symbolic_trace(_fused_gate_up), 6, None, exit_w=2)
+    assert registry.get(key).entries is not None  # this body takes the split path
+    x = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    ps = _params([(40, 6), (40,), (6, 20)])
+    for m in (1, 3, 11):
+        spec = rowwise_spec(key, m)
+        assert torch.autograd.gradcheck(lambda x, *p: torch.ops.mst.rowwise(x, list(p), spec), (x, *ps))
+
+
+@pytest.mark.parametrize("frozen", ["x", "gate", "gate+up", "down"])
+def test_any_subset_of_gradients_matches_autograd(frozen):
+    key = registry.register("mlp", torch.fx.symbolic_trace(_swiglu), 6, None, exit_w=2)
+    x = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
+    ps = _params([(20, 6), (20, 6), (6, 20)], seed=1)
+    off = {"x": [x], "gate": [ps[0]], "gate+up": ps[:2], "down": [ps[2]]}[frozen]
+    for t in off:
+        t.requires_grad_(False)
+    live = [t for t in [x, *ps] if t.requires_grad]
+    ref = F.linear(_swiglu(x, *ps), ps[2])
+    want = torch.autograd.grad(ref.square().sum(), live)
+    got = torch.autograd.grad(torch.ops.mst.rowwise(x, ps, rowwise_spec(key, 4)).square().sum(), live)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_low_precision_inputs_and_autocast_take_the_split_only_where_dtypes_agree():
+    e = entry.split(torch.fx.symbolic_trace(_swiglu))
+    bf = [torch.empty(4, 2, dtype=torch.bfloat16)] * 3
+    assert entry.applies(e, torch.empty(3, 2, dtype=torch.bfloat16), bf, None)
+    assert not entry.applies(e, torch.empty(3, 2), bf, None)  # an fp32 input, bf16 weights: autograd's rules
+    assert not entry.applies(e, torch.empty(3, 2), [torch.empty(4, 2)] * 3, ("cpu", torch.bfloat16))
+    assert not entry.applies(None, torch.empty(3, 2), [], None)
