@@ -92,6 +92,8 @@ def test_ablate_spec():
     assert _ablations("min_chunk_tokens=128,4") == [{"min_chunk_tokens": 128}, {"num_chunks": 4}]
     assert _ablations("causal_mask=0,recompute=none") == [{"causal_mask": False}, {"recompute": "none"}]
     assert _ablations("") == []
+    assert _ablations("causal_mask=0+compile_bodies=always,4") == [{"causal_mask": False, "compile_bodies": "always"},
+                                                                  {"num_chunks": 4}]
 
 
 def test_cap_search_doubles_then_bisects():

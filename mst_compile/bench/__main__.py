@@ -54,14 +54,17 @@ def measure(arm: str, form: str, tokens: int, a, options: dict | None = None) ->
 
 def _ablations(spec: str) -> list[dict]:
     """``--ablate 8,16`` -> fixed chunk counts; ``--ablate min_chunk_tokens=128`` or ``causal_mask=0`` -> any mst
-    option, its value read as the environment variable's would be."""
+    option, its value read as the environment variable's would be; ``a=1+b=2``: both options in one arm."""
     from ..config import parse_option
 
     out = []
     for item in filter(None, spec.split(",")):
-        key, _, value = item.rpartition("=")
-        key = key or "num_chunks"
-        out.append({key: parse_option(key, value)})  # typed as the option is (causal_mask=0 is False)
+        opts = {}
+        for part in item.split("+"):
+            key, _, value = part.rpartition("=")
+            key = key or "num_chunks"
+            opts[key] = parse_option(key, value)  # typed as the option is (causal_mask=0 is False)
+        out.append(opts)
     return out
 
 
@@ -116,7 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default="bench_out", help="folder for results.json, results.csv, table.txt, the plot")
     p.add_argument("--ablate", default="",
-                   help="also run mst with these fixed chunk counts, or options as key=int (comma-separated)")
+                   help="also run mst with these fixed chunk counts, or options as key=value (comma-separated arms; "
+                        "a=1+b=2: two options in one arm)")
     p.add_argument("--cap-mib", type=float, default=0,
                    help="search the longest sequence under this peak per arm instead (0: no search)")
     p.add_argument("--cap-start", type=int, default=1024, help="first length of the cap search")
