@@ -65,10 +65,16 @@ def _linear_ce(h, w, b, labels, head: HeadSpec):
     # "compute dtype" is what autocast does for linear, and the gradient GEMMs then run in it too.
     cd = pre.autocast[1] if pre.autocast else w.dtype
     wc, bc = w.to(cd), None if b is None else b.to(cd)
+    zbuf = None
     for s, e in bounds:
         hc = h[s:e].to(cd)
-        z = F.linear(hc, wc, bc)
         if fused:
+            # one [chunk, vocab] buffer for every chunk's logits (the first chunk is the largest), written by the
+            # GEMM ``linear`` calls: a fresh one per chunk is a fresh mapping of its pages on the CPU
+            if zbuf is None:
+                zbuf = hc.new_empty((e - s, w.shape[0]))
+            z = zbuf[: e - s]
+            torch.mm(hc, wc.t(), out=z) if bc is None else torch.addmm(bc, hc, wc.t(), out=z)
             if want_logits:
                 logits[s:e] = z
             if post.compiled and e - s > 1 and compiles_cross_entropy(z.dtype, ce_dtype):
@@ -81,6 +87,7 @@ def _linear_ce(h, w, b, labels, head: HeadSpec):
             z = None
             gz = None if gz is None else gz.to(cd)
         else:
+            z = F.linear(hc, wc, bc)
             loss, gz = _tail_cross_entropy(z, labels[s:e], pre, post, logits[s:e] if want_logits else None,
                                            ignore_index, label_smoothing, grad)  # fmt: skip
             gz = None if gz is None else gz.to(cd)
@@ -95,6 +102,7 @@ def _linear_ce(h, w, b, labels, head: HeadSpec):
         if need_b:
             db.add(gz.sum(0, dtype=db.acc_dtype))
         del gz  # else this chunk's [rows, vocab] gradient is still alive while the next chunk's logits are made
+    zbuf = z = None
     count = (labels != ignore_index).sum()
     loss = (loss_sum / count if head.mean else loss_sum).to(loss_dtype)
     dw = dw.result() if need_w else w.new_empty(_EMPTY)

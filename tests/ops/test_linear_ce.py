@@ -130,3 +130,31 @@ def test_compiled_fp32_chunk_cross_entropy_writes_the_gradient_over_the_logits(e
         torch.testing.assert_close(loss, ref_loss)
         torch.testing.assert_close(g, ref_g)
     assert mod._COMPILED_CE[mod.ce_key(z, y, -100, eps)] is not None
+
+
+def test_every_chunk_writes_its_logits_into_one_buffer():
+    """The fused path's ``[chunk, vocab]`` logits live in one buffer for the whole loop (a fresh one per chunk
+    maps fresh pages on the CPU each time): the op makes one tensor of that size, not one per chunk."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mst_compile import _compat
+    from mst_compile.ops import linear_ce
+
+    class Fresh(TorchDispatchMode):
+        sizes: list
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ins = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                   if isinstance(a, torch.Tensor)}  # fmt: skip
+            self.sizes += [o.numel() for o in torch.utils._pytree.tree_leaves(out)
+                           if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in ins]  # fmt: skip
+            return out
+
+    hs, w, b, y = _case(n=40, v=50)
+    m = Fresh()
+    m.sizes = []
+    with m:  # the op's kernel itself, below its dispatch (the mode sees each aten op inside the loop)
+        _compat.custom_op_kernel(linear_ce.linear_ce)(hs.detach(), w.detach(), b.detach(), y,
+                                                      _spec(F64, F64, chunks=Chunks(4)))  # fmt: skip
+    assert sum(n == 10 * 50 for n in m.sizes) == 1, m.sizes
