@@ -1,7 +1,8 @@
 """Architecture table: for each zoo architecture (8x test size, V=32000), regions rewritten, the compiled-step
 peak and the first call's time (compilation included, cold Inductor cache) of mst vs ``torch.compile`` default,
-each arm in its own process. The zoo includes Gemma-3 with a 16-token sliding window; ``--dtype bfloat16`` runs
-every architecture with bf16 parameters.
+each arm in its own process; "net" columns: that time less one later step's (the compilation alone, which a
+slow step would otherwise hide: bf16 GEMMs on a CPU without bf16 instructions). The zoo includes Gemma-3 with
+a 16-token sliding window; ``--dtype bfloat16`` runs every architecture with bf16 parameters.
 
     python -m mst_compile.bench.archs --tokens 2048 [--dtype bfloat16] [--form model]
 """
@@ -23,7 +24,8 @@ def main(argv=None) -> None:
     p.add_argument("--form", default="step", help="step (the loss is returned) or model (the logits too)")
     a = p.parse_args(argv)
     print(f"{'arch':<10} {'regions':>7} {'compile MiB':>11} {'mst MiB':>8} {'ratio':>6} "
-          f"{'compile s':>9} {'mst s':>6} {'ratio':>6}")  # fmt: skip
+          f"{'compile s':>9} {'mst s':>6} {'ratio':>6} {'net compile s':>13} {'net mst s':>9} "
+          f"{'ratio':>6}")  # fmt: skip
     for name in a.archs.split(","):
         args = ["--model", f"zoo:{name}", "--tokens", str(a.tokens), "--steps", "1", "--dtype", a.dtype,
                 "--form", a.form]  # fmt: skip
@@ -35,8 +37,9 @@ def main(argv=None) -> None:
             continue
         c, m = res["compile"]["peak_mib"], res["mst"]["peak_mib"]
         ct, mt = res["compile"]["compile_s"], res["mst"]["compile_s"]
+        cn, mn = (res[k]["compile_s"] - res[k]["step_s_median"] for k in ("compile", "mst"))
         print(f"{name:<10} {res['mst']['rewritten']:>7} {c:>11.0f} {m:>8.0f} {m / c:>6.2f} {ct:>9.1f} {mt:>6.1f} "
-              f"{mt / ct:>6.2f}", flush=True)  # fmt: skip
+              f"{mt / ct:>6.2f} {cn:>13.1f} {mn:>9.1f} {mn / cn:>6.2f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
