@@ -288,3 +288,23 @@ def test_the_estimate_counts_an_mlp_chunk_as_the_pass_does():
     assert len(mlps) == 2
     for r in mlps:
         assert r.bytes_saved == int(48 * mlp_row_bytes(zoo.I, 4) * (1 - 1 / 3)), r
+
+
+def test_alternate_interleaves_the_arms_and_takes_the_ratio_pair_by_pair():
+    from unittest import mock
+
+    from mst_compile.bench import alternate
+
+    calls, clock = [], iter(range(1000))
+
+    def arm(name, cost):
+        def step():
+            calls.append(name)
+            for _ in range(cost - 1):
+                next(clock)
+        return step
+
+    with mock.patch.object(alternate.time, "perf_counter", lambda: next(clock)):
+        res = alternate.alternate(arm("a", 2), arm("b", 3), pairs=4, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then the order flips each pair
+    assert res["ratios"] == [1.5] * 4 and res["a_s"] == [2] * 4, res
