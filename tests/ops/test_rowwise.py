@@ -111,10 +111,12 @@ def test_compiled_bodies_match_op_by_op_and_compile_once(monkeypatch):
     again = registry.register("mlp", _swiglu_body(), 16, torch.float32, exit_w=2, compiled=True)
     assert fused == again and fused != eager
     monkeypatch.setattr(registry, "_COMPILED", {})
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cache hit would skip the passes
-    for rows, chunks in ((37, 3), (64, 4), (9, 2)):
-        for a, b in zip(_rowwise_step(fused, rows, chunks), _rowwise_step(eager, rows, chunks)):
-            assert_close_rel(a, b, rtol=1e-5)  # Inductor's fused kernel rounds differently in the last bits
+    # a cache hit would skip the passes that annotate; config.patch, not monkeypatch: undoing a monkeypatch of
+    # the config module deletes the option for every later test of the process
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        for rows, chunks in ((37, 3), (64, 4), (9, 2)):
+            for a, b in zip(_rowwise_step(fused, rows, chunks), _rowwise_step(eager, rows, chunks)):
+                assert_close_rel(a, b, rtol=1e-5)  # Inductor's fused kernel rounds differently in the last bits
     assert len(registry._COMPILED) == 2  # forward (no grad) and the backward's recompute (grad)
     body = registry.get(fused).fn  # compile_fx annotates the graph it is given: the registry's copy stays bare
     assert not any(n.meta for n in body.graph.nodes)
