@@ -66,7 +66,7 @@ def split(gm: fx.GraphModule) -> Entries | None:
         weights.append(index[w])
         biases.append(index[b] if b is not None else -1)
     if len(set(weights) | {b for b in biases if b >= 0}) != len(weights) + sum(b >= 0 for b in biases):
-        return None  # one parameter in two projections
+        return None  # one parameter as both weight and bias of a projection (a node counts a user once)
     g = fx.Graph()
     env = {u: g.placeholder(f"e{k}") for k, u in enumerate(entries)}
     env.update({p: g.placeholder(p.name) for p in params})
@@ -74,6 +74,13 @@ def split(gm: fx.GraphModule) -> Entries | None:
         if n.op != "placeholder" and n not in env:
             env[n] = g.node_copy(n, env.__getitem__)
     return Entries(fx.GraphModule(torch.nn.Module(), g), tuple(weights), tuple(biases))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    """``F.linear(x, w, b)`` as the GEMM it calls (``mm``, or ``addmm`` with a bias), written into ``out`` when
+    given: the same values, no temporary and copy (``out`` contiguous, every dtype equal, no autocast)."""
+    kw = {} if out is None else {"out": out}
+    return torch.mm(x, w.t(), **kw) if b is None else torch.addmm(b, x, w.t(), **kw)
 
 
 def applies(entries: Entries | None, x: torch.Tensor, params, autocast) -> bool:
@@ -86,11 +93,8 @@ def applies(entries: Entries | None, x: torch.Tensor, params, autocast) -> bool:
 
 def project(entries: Entries, x: torch.Tensor, params) -> list[torch.Tensor]:
     """The projections' outputs ``e_k = linear(x, W_k, b_k)`` (no autograd: the op computes their gradients)."""
-    out = []
-    for w, b in zip(entries.weights, entries.biases):
-        wt = params[w].detach().t()
-        out.append(torch.mm(x, wt) if b < 0 else torch.addmm(params[b].detach(), x, wt))
-    return out
+    return [linear(x, params[w].detach(), params[b].detach() if b >= 0 else None)
+            for w, b in zip(entries.weights, entries.biases)]  # fmt: skip
 
 
 def input_grad(entries: Entries, grads, params, rows: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _compat
-from . import registry
+from . import entry, registry
 from .spec import HeadSpec, parse
 from .accumulate import GradAccumulator
 
@@ -74,7 +74,7 @@ def _linear_ce(h, w, b, labels, head: HeadSpec):
             if zbuf is None:
                 zbuf = hc.new_empty((e - s, w.shape[0]))
             z = zbuf[: e - s]
-            torch.mm(hc, wc.t(), out=z) if bc is None else torch.addmm(bc, hc, wc.t(), out=z)
+            entry.linear(hc, wc, bc, out=z)
             if want_logits:
                 logits[s:e] = z
             if post.compiled and e - s > 1 and compiles_cross_entropy(z.dtype, ce_dtype):

@@ -122,7 +122,7 @@ class Body:
         if self.exit_w >= 0:
             w, b = self._exit(params)
             if rows.is_contiguous() and rows.dtype == out.dtype == w.dtype and (b is None or b.dtype == w.dtype):
-                torch.mm(out, w.t(), out=rows) if b is None else torch.addmm(b, out, w.t(), out=rows)
+                entry.linear(out, w, b, out=rows)
                 return
             with self.amp():
                 out = torch.nn.functional.linear(out, w, b)
