@@ -256,16 +256,23 @@ def test_a_region_check_that_crashes_skips_only_that_region(monkeypatch):
     assert len(rep.rewritten("mlp")) == 1 and len(rep.skipped("mlp")) == 1
 
 
+CHUNKED = {"chunk_tokens": 4}  # ten tokens in three chunks: the MLP is rewritten
+
+
 @pytest.mark.parametrize(
     "options, recompute, reuse",
-    [({}, "attention", False), ({"recompute": "norms"}, "norms", False), ({"recompute": "none"}, None, False),
-     ({"inductor": {"allow_buffer_reuse": True}}, "attention", True), ({"enabled": False}, None, None)],
+    [(CHUNKED, "attention", False), ({**CHUNKED, "recompute": "norms"}, "norms", False),
+     ({**CHUNKED, "recompute": "none"}, None, False),
+     ({**CHUNKED, "inductor": {"allow_buffer_reuse": True}}, "attention", True), ({"enabled": False}, None, None),
+     ({}, None, None)],
 )  # fmt: skip
 def test_inductor_patches(monkeypatch, options, recompute, reuse):
-    """What the backend hands Inductor: the selective-recompute joint pass in the configured mode and the
-    second recompute with it, buffer reuse off (NOTE [buffer reuse]) unless the user's ``inductor`` options say
-    otherwise, no horizontal fusion (NOTE [horizontal fusion]); nothing when disabled."""
+    """What the backend hands Inductor: on a rewritten graph the selective-recompute joint pass in the configured
+    mode and the second recompute with it, buffer reuse off (NOTE [buffer reuse]) unless the user's ``inductor``
+    options say otherwise, no horizontal fusion (NOTE [horizontal fusion]); on an untouched graph (ten tokens fit
+    one chunk) only the tied-embedding scatter (NOTE [untouched graphs]); nothing when disabled."""
     import mst_compile.backend as backend
+    from mst_compile.passes.aten.embedding_grad import EmbeddingGradPass
     from mst_compile.passes.aten.remat import RematPass
 
     seen = {}
@@ -275,13 +282,17 @@ def test_inductor_patches(monkeypatch, options, recompute, reuse):
         return gm.forward
 
     monkeypatch.setattr(backend._compat, "compile_fx", fake_compile_fx)
+    mst_compile.reset_counters()
     torch.compile(Block(PlainMLP()), backend="mst", options=options)(torch.randn(2, 5, 16))
+    report = mst_compile.last_report()
+    assert bool(report and report.rewritten("mlp")) == ("chunk_tokens" in options)
     joint = seen.get("joint_custom_pre_pass")
     assert (joint.mode if joint else None) == recompute
     assert seen.get("allow_buffer_reuse") is reuse
     # the second recompute follows the recompute mode; horizontal fusion is off wherever mst's passes run
     assert isinstance(seen.get("post_grad_custom_pre_pass"), RematPass) == (recompute is not None)
     assert (seen.get("score_fusion_memory_threshold", 10) > 2**40) == (reuse is not None)
+    assert isinstance(seen.get("post_grad_custom_post_pass"), EmbeddingGradPass) == (options != {"enabled": False})
 
 
 def test_inductor_failure_on_rewritten_graph_falls_back(monkeypatch):
@@ -345,7 +356,7 @@ def test_user_inductor_passes_are_chained_not_replaced(monkeypatch, slot, where)
 
     monkeypatch.setattr(backend._compat, "compile_fx", fake_compile_fx)
     user = _UserPass()
-    options = {"inductor": {slot: user}} if where == "options" else {}
+    options = {**CHUNKED, "inductor": {slot: user}} if where == "options" else CHUNKED
     # Inductor's config.patch, not monkeypatch (which deletes a config key on undo)
     with torch._inductor.config.patch({slot: user} if where == "global" else {}):
         torch.compile(Block(PlainMLP()), backend="mst", options=options)(torch.randn(2, 5, 16))
