@@ -40,14 +40,14 @@ log = logging.getLogger("mst_compile")
 _NO_HORIZONTAL_FUSION = 2**62
 
 
-# NOTE [untouched graphs]: a graph in which mst rewrites nothing (a short sequence whose regions each fit one
-# chunk, NOTE [one chunk is whole]; a graph with no region at all) compiles as torch.compile would, with one
-# exception that never costs time or memory: the tied-embedding gradient scatter (NOTE [tied embedding
-# gradient]). The memory passes are the chunked graphs' policy: selective recompute and the second recompute
-# trade time for the memory of ``tokens x H`` activations, and buffer reuse and horizontal fusion are off
-# because of the opaque chunk loops (NOTE [buffer reuse], NOTE [horizontal fusion]). Installed on an untouched
-# graph they only cost compile and step time (bf16, 64 tokens, nothing rewritten: Gemma's compile 1.13x
-# Inductor's, Llama's 1.10x).
+# NOTE [untouched graphs]: a graph in which mst chunks nothing (a short sequence whose regions each fit one
+# chunk, NOTE [one chunk is whole]; a graph with no region at all) compiles as torch.compile would, but for two
+# rewrites that never cost time or memory: the causal mask replaced by SDPA's own (NOTE [materialized causal
+# mask]) and the tied-embedding gradient scatter (NOTE [tied embedding gradient]). The memory passes are the
+# chunked graphs' policy: selective recompute and the second recompute trade time for the memory of
+# ``tokens x H`` activations, and buffer reuse and horizontal fusion are off because of the opaque chunk loops
+# (NOTE [buffer reuse], NOTE [horizontal fusion]). Installed on an untouched graph they only cost compile and
+# step time (bf16, 64 tokens, nothing chunked: Gemma's compile 1.13x Inductor's, Llama's 1.10x).
 REWRITTEN, UNTOUCHED, PLAIN = "rewritten", "untouched", "plain"
 
 
@@ -127,7 +127,7 @@ def mst_backend(gm: fx.GraphModule, example_inputs, options: dict | MSTConfig | 
         return _inductor(gm, example_inputs, cfg, mode, passes=UNTOUCHED)  # NOTE [untouched graphs]
     _note_compile_mode()
     try:
-        compiled = _inductor(new_gm, example_inputs, cfg, mode)
+        compiled = _inductor(new_gm, example_inputs, cfg, mode, passes=REWRITTEN if report.chunked() else UNTOUCHED)
     except _compat.restart_exceptions():
         raise  # Dynamo's own control flow, not a failure
     except Exception as e:  # noqa: BLE001

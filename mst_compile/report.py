@@ -91,6 +91,10 @@ class Report:
     def rewritten(self, kind: str | None = None) -> list[Region]:
         return [r for r in self.regions if r.status == "rewritten" and (kind is None or r.kind == kind)]
 
+    def chunked(self) -> list[Region]:
+        """The rewritten regions that run in chunks (all but the causal mask): NOTE [untouched graphs]."""
+        return [r for r in self.rewritten() if r.kind != "mask"]
+
     def skipped(self, kind: str | None = None) -> list[Region]:
         return [r for r in self.regions if r.status == "skipped" and (kind is None or r.kind == kind)]
 

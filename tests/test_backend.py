@@ -401,3 +401,27 @@ def test_frame_settings_are_bounded(monkeypatch):
         monkeypatch.setattr(backend._compat, "compile_id", lambda frame=frame: (frame, 0))
         backend._config({"num_chunks": 2}, [])
     assert [k[0] for k in backend._FRAME_CONFIGS] == [2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_graph_mst_chunks_nothing_compiles_to_torch_compiles_code():
+    """NOTE [untouched graphs]: a short sequence (every region fits one chunk) and the mask pass off: the
+    kernels and wrapper Inductor writes for forward and backward are torch.compile's, line for line (a memory
+    pass or config patch installed on such a graph changes them)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from mst_compile.bench.models import token_batch
+
+    model = build_llama("llama-tiny", num_hidden_layers=1).float()
+    ids = token_batch(32, model.config.vocab_size)
+    codes = {}
+    for backend, options in (("inductor", None), ("mst", {"causal_mask": False})):
+        torch._dynamo.reset()
+        mst_compile.reset_counters()
+        step = torch.compile(lambda i: model(input_ids=i, labels=i).loss, backend=backend, options=options)
+        with torch._inductor.config.patch(force_disable_caches=True):
+            _, code = run_and_get_code(lambda: step(ids).backward())
+        codes[backend] = [c.replace(c.split("\n", 1)[0], "") if c.startswith("# AOT ID") else c for c in code]
+    report = mst_compile.last_report()
+    assert report.skipped("mlp") and report.skipped("head") and not report.rewritten()
+    assert len(codes["mst"]) == 2 and codes["mst"] == codes["inductor"]
