@@ -191,11 +191,12 @@ def tiny_llama_runs():
         model.zero_grad(set_to_none=True)
         torch._dynamo.reset()
         mst_compile.reset_counters()
-        step = torch.compile(lambda i: model(input_ids=i, labels=i).loss, backend="mst", options={"recompute": mode})
+        step = torch.compile(lambda i: model(input_ids=i, labels=i).loss, backend="mst", options={"recompute": mode, "num_chunks": 2})  # chunked: NOTE [untouched graphs]
         saved = {}
 
         def pack(t):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            if not isinstance(t, torch._subclasses.FakeTensor):  # mst's compile-time checks run under the hook too
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
         with torch._inductor.config.patch(force_disable_caches=True):
@@ -243,7 +244,7 @@ def test_gpt2_end_to_end(mode):
     model.zero_grad(set_to_none=True)
     torch._dynamo.reset()
     mst_compile.reset_counters()
-    step = torch.compile(lambda i: model(input_ids=i, labels=i).loss, backend="mst", options={"recompute": mode})
+    step = torch.compile(lambda i: model(input_ids=i, labels=i).loss, backend="mst", options={"recompute": mode, "num_chunks": 2})  # chunked: NOTE [untouched graphs]
     with torch._inductor.config.patch(force_disable_caches=True):
         step(ids).backward()
     c = mst_compile.counters
