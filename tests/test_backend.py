@@ -292,7 +292,9 @@ def test_inductor_patches(monkeypatch, options, recompute, reuse):
     # the second recompute follows the recompute mode; horizontal fusion is off wherever mst's passes run
     assert isinstance(seen.get("post_grad_custom_pre_pass"), RematPass) == (recompute is not None)
     assert (seen.get("score_fusion_memory_threshold", 10) > 2**40) == (reuse is not None)
-    assert isinstance(seen.get("post_grad_custom_post_pass"), EmbeddingGradPass) == (options != {"enabled": False})
+    post = seen.get("post_grad_custom_post_pass")  # a tuple where another pass is installed globally
+    post = post if isinstance(post, tuple) else (post,)
+    assert any(isinstance(p, EmbeddingGradPass) for p in post) == (options != {"enabled": False})
 
 
 def test_inductor_failure_on_rewritten_graph_falls_back(monkeypatch):
