@@ -27,6 +27,15 @@ def functorch_config():
     return cfg
 
 
+def saved_tensor_hooks_deferred():
+    """The caller's ``saved_tensors_hooks`` held back while mst traces (``torch._dynamo.utils``' context, which
+    AOTAutograd enters for its own tracing): a pack hook then never sees a FakeTensor from a compile-time check,
+    and still runs on the compiled step's real tensors."""
+    from torch._dynamo.utils import _disable_saved_tensors_hooks_during_tracing
+
+    return _disable_saved_tensors_hooks_during_tracing()
+
+
 class autograd_inside_op:
     """Re-enable autograd recording inside a custom op's implementation.
 

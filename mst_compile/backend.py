@@ -115,7 +115,8 @@ def mst_backend(gm: fx.GraphModule, example_inputs, options: dict | MSTConfig | 
     report.note_parameters(example_inputs)
     ctx = PassContext(cfg, torch.is_grad_enabled())
     try:
-        new_gm = run_passes(copy_graph_module(gm), ctx)
+        with _compat.saved_tensor_hooks_deferred():  # the checks trace FakeTensors under autograd
+            new_gm = run_passes(copy_graph_module(gm), ctx)
     except Exception as e:  # noqa: BLE001 - a bug in a rewrite must never break the user's model
         report.fallback = f"rewrite failed: {type(e).__name__}: {e}"
         new_gm = None

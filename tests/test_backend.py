@@ -427,3 +427,29 @@ def test_a_graph_mst_chunks_nothing_compiles_to_torch_compiles_code():
     report = mst_compile.last_report()
     assert report.skipped("mlp") and report.skipped("head") and not report.rewritten()
     assert len(codes["mst"]) == 2 and codes["mst"] == codes["inductor"]
+
+
+def test_a_pack_hook_that_reads_storage_does_not_see_compile_time_tensors(llama):
+    """Offloading hooks (``save_on_cpu`` and the like) read each saved tensor's storage. mst's compile-time
+    checks run on FakeTensors, which have none: they run with the caller's hooks deferred, as AOTAutograd's do."""
+    ids, labels = _ids()
+    ref = _eager(llama, ids, labels)
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().data_ptr())  # raises on a FakeTensor
+        return t
+
+    torch._dynamo.reset()
+    mst_compile.reset_counters()
+    cm = torch.compile(llama, backend="mst", options={"num_chunks": 4})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a rewrite that fell back warns
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = cm(input_ids=ids, labels=labels)
+        out.loss.backward()
+    got = (out.loss.detach(), out.logits.detach(), grads(llama))
+    llama.zero_grad(set_to_none=True)
+    assert saved  # the hook ran, on the compiled step's real tensors
+    assert mst_compile.counters["mlp_rewritten"] == 2
+    _check(llama, ref, got)

@@ -195,8 +195,7 @@ def tiny_llama_runs():
         saved = {}
 
         def pack(t):
-            if not isinstance(t, torch._subclasses.FakeTensor):  # mst's compile-time checks run under the hook too
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
         with torch._inductor.config.patch(force_disable_caches=True):
