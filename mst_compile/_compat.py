@@ -20,6 +20,13 @@ def inductor_config():
     return cfg
 
 
+def dynamo_config():
+    """The Dynamo config module (``torch._dynamo.config``)."""
+    import torch._dynamo.config as cfg
+
+    return cfg
+
+
 def functorch_config():
     """The functorch config module (``torch._functorch.config``)."""
     import torch._functorch.config as cfg

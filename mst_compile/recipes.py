@@ -17,6 +17,8 @@ import logging
 import torch
 from torch import nn
 
+from . import _compat
+
 log = logging.getLogger("mst_compile.recipes")
 
 
@@ -56,4 +58,36 @@ def compile_per_layer(model: nn.Module, *, backend="mst", options: dict | None =
         model.compile(**kw)
     log.info("compiled %d layers of %s one by one%s", len(layers), type(model).__name__,
              ", and the head and loss around its base model" if base is not model else "")  # fmt: skip
+    return model
+
+
+def trace_checkpointed_moe(model: nn.Module) -> nn.Module:
+    """Let Dynamo trace an HF mixture-of-experts model trained with gradient checkpointing as one graph, so that
+    mst chunks its MoE blocks inside the checkpointed layers (NOTE [checkpointed MoE tracing]). Call it once,
+    before the first compiled step::
+
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        mst_compile.recipes.trace_checkpointed_moe(model)
+        step = torch.compile(model, backend="mst")
+
+    NOTE [checkpointed MoE tracing]: HF records the router logits (for the load-balancing loss) with forward hooks
+    that its models install lazily, at their first call, under a ``threading.Lock``; Dynamo cannot enter a lock
+    and breaks the graph at every layer, so no MoE block is ever in a graph (with any backend). With the hooks
+    installed ahead of time, the recorder's ``append`` inside a checkpointed layer is a side effect Dynamo refuses
+    in a checkpoint body unless told not to replay it in the recompute
+    (``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint``): the recompute needs the tensors,
+    not a second copy of the recorded logits. That setting is global to Dynamo: other forward side effects under
+    a checkpoint are not replayed in the backward either, as the flag's own documentation says.
+    Returns ``model``."""
+    from transformers import PreTrainedModel
+    from transformers.utils.output_capturing import maybe_install_capturing_hooks
+
+    installed = 0
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            maybe_install_capturing_hooks(module)
+            installed += 1
+    _compat.dynamo_config().skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    log.info("installed the output recorders of %d modules of %s; forward side effects under checkpoint are not "
+             "replayed in the backward", installed, type(model).__name__)  # fmt: skip
     return model

@@ -46,8 +46,15 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps (the first one compiles)")
     p.add_argument("--options", default="", help="mst options as JSON")
     p.add_argument("--dtype", default="float32", help="parameter dtype (float32, bfloat16)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="HF gradient checkpointing (non-reentrant) with recipes.trace_checkpointed_moe, both arms")
     a = p.parse_args(argv)
     model = build(a.arch, a.impl).to(getattr(torch, a.dtype))
+    if a.checkpointing:
+        from ..recipes import trace_checkpointed_moe
+
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trace_checkpointed_moe(model)  # NOTE [checkpointed MoE tracing]: one graph for either arm
     ids = torch.randint(0, SIZES["vocab_size"], (1, a.tokens), generator=torch.Generator().manual_seed(0))
 
     def loss_fn(ids):
@@ -70,7 +77,8 @@ def main(argv=None) -> None:
     with PeakMeter("cpu") as meter:
         losses.append(step())
     result = dict(arm=a.arm, arch=a.arch, impl=a.impl, dtype=a.dtype, tokens=a.tokens, peak_mib=round(meter.peak_mib, 1),
-                  step_s=time.perf_counter() - t, compile_s=compile_s, loss=losses[-1])  # fmt: skip
+                  step_s=time.perf_counter() - t, compile_s=compile_s, loss=losses[-1],
+                  checkpointing=a.checkpointing)  # fmt: skip
     if a.arm == "mst":
         import mst_compile
 

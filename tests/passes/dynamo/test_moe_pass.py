@@ -223,3 +223,19 @@ def test_bf16_model_calls_grouped_mm_itself_and_is_chunked(arch):
     close to eager's bf16 run as bf16 allows (each row's math is eager's; weight gradients summed in fp32)."""
     _parity(tiny(arch, "grouped_mm", output_router_logits=True).to(torch.bfloat16), rtol=3e-2)
     assert mst_compile.counters["moe_rewritten"] == 2, [str(r) for r in mst_compile.reports()]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checkpointed_moe_is_one_graph_and_chunked_with_the_recipe(arch):
+    """Under HF gradient checkpointing the router-logit recorders break the graph at every layer (NOTE
+    [checkpointed MoE tracing]); after ``trace_checkpointed_moe`` the step is one graph, each checkpointed layer's
+    MoE block is chunked, and loss, load-balancing loss, logits and every gradient match eager's."""
+    model = tiny(arch, "grouped_mm", output_router_logits=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch._dynamo.reset()
+    mst_compile.reset_counters()
+    with mst_compile._compat.dynamo_config().patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):  # restored
+        mst_compile.recipes.trace_checkpointed_moe(model)
+        _parity(model)
+    c = mst_compile.counters
+    assert c["graphs"] == 1 and c["moe_rewritten"] == 2, [str(r) for r in mst_compile.reports()]
