@@ -199,16 +199,20 @@ def tune_compile(model, backend: str, chunks: int = 8):
 # ---- one arm -----------------------------------------------------------------------------------------------
 
 
-def arm(framework: str, backend: str, tokens: int, litgpt_loss_chunk: int = 0, options: dict | None = None):
+def arm(framework: str, backend: str, tokens: int, litgpt_loss_chunk: int = 0, options: dict | None = None,
+        litgpt_config: str = "Llama-3.2-1B"):  # fmt: skip
     """``(step, what)``: ``step()`` runs forward + backward of one batch of ``tokens`` tokens and returns the loss."""
     g = torch.Generator().manual_seed(0)
     opts = {"options": options} if (backend == "mst" and options) else {}
     if framework == "litgpt":
-        model = litgpt_model(n_embd=128, intermediate=1024, vocab=8192, block=tokens + 1)
+        moe = {"n_expert": 8, "n_expert_per_token": 2} if "Mixtral" in litgpt_config else {}
+        if moe:  # LLaMAMoE dispatches with torch.where: one graph per step only when Dynamo captures it (both arms)
+            torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        model = litgpt_model(litgpt_config, n_embd=128, intermediate=1024, vocab=8192, block=tokens + 1, **moe)
         ids = torch.randint(0, 8192, (1, tokens + 1), generator=g)
         fn = lambda: litgpt_loss(model, ids, litgpt_loss_chunk)  # noqa: E731
         fn = torch.compile(fn, backend=backend, **opts) if backend != "eager" else fn
-        return fn, "litgpt Llama-3.2 style, loss chunk_size=%d" % litgpt_loss_chunk
+        return fn, "litgpt %s style, loss chunk_size=%d" % (litgpt_config, litgpt_loss_chunk)
     if framework == "vit":
         # 224-pixel images in 16-pixel patches: 197 tokens an image (the MLP runs over batch x patches)
         model, kind = vit_model(img_size=224, patch_size=16, embed_dim=128, depth=2, num_heads=2, mlp_ratio=8.0)
@@ -274,9 +278,10 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--steps", type=int, default=3, help="steps run; the last one is measured")
     p.add_argument("--litgpt-loss-chunk", type=int, default=0)
+    p.add_argument("--litgpt-config", default="Llama-3.2-1B", help="a litgpt config name (its style, tiny size)")
     p.add_argument("--options", default=None, help="mst options as JSON")
     a = p.parse_args(argv)
-    kw = {"litgpt_loss_chunk": a.litgpt_loss_chunk, "options": json.loads(a.options) if a.options else None}
+    kw = {"litgpt_loss_chunk": a.litgpt_loss_chunk, "litgpt_config": a.litgpt_config, "options": json.loads(a.options) if a.options else None}
     sys.stdout.write(json.dumps(measure(a.framework, a.backend, a.tokens, a.steps, **kw)) + "\n")
 
 

@@ -11,6 +11,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: F401
 from torch._inductor.custom_graph_pass import get_custom_graph_passes as custom_graph_passes  # noqa: F401
 from torch._ops import OpOverload  # noqa: F401
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: F401
+from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: F401
 
 
 def inductor_config():

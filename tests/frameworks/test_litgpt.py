@@ -2,7 +2,8 @@
 
 Config styles: Llama (``LLaMAMLP``, RMSNorm), Pythia (``GptNeoxMLP``, parallel residual, partial rotary),
 Gemma 2 (``GemmaMLP`` gelu-tanh gating, softcapping), Phi-2 (parallel residual with one shared norm: the fused
-qkv and fc1 read the same tensor), Phi-3 (sliding window), Mixtral (``LLaMAMoE``: graph breaks at the routing).
+qkv and fc1 read the same tensor), Phi-3 (sliding window), Mixtral (``LLaMAMoE``: a ``torch.where``
+expert loop, one chunked region when Dynamo captures ``torch.where``, graph breaks at it otherwise).
 """
 
 import pytest
@@ -73,8 +74,8 @@ def test_compiled_model_with_the_loss_outside_chunks_mlps():
 
 
 def test_mixtral_style_moe_trains_like_eager():
-    """``LLaMAMoE`` routes with ``torch.where`` on data-dependent masks: Dynamo breaks the graph there; the
-    expert MLPs that land in graphs of their own are chunked. Loss and gradients equal eager's."""
+    """``LLaMAMoE`` routes with ``torch.where`` on data-dependent masks: by default Dynamo breaks the graph
+    there; the expert MLPs that land in graphs of their own are chunked. Loss and gradients equal eager's."""
     ex = examples()
     model, ids = ex.litgpt_model("Mixtral-8x7B-v0.1", block=64, n_expert=4, n_expert_per_token=2), _ids()
     ref_loss, ref = _eager(model, ids, 0)
@@ -86,6 +87,21 @@ def test_mixtral_style_moe_trains_like_eager():
     assert_same_training_step(ref_loss, ref, loss, model)
 
 
+def test_mixtral_style_moe_with_where_captured_is_one_graph_and_chunked():
+    """With ``capture_dynamic_output_shape_ops`` the step is one graph: each ``LLaMAMoE`` block (router, masks,
+    ``torch.where`` dispatch, experts, indexed combine) is one region (NOTE [selected rows]), the head + loss
+    another; loss and every gradient equal eager's."""
+    ex = examples()
+    model, ids = ex.litgpt_model("Mixtral-8x7B-v0.1", block=64, n_expert=4, n_expert_per_token=2), _ids()
+    ref_loss, ref = _eager(model, ids, 0)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        step = torch.compile(lambda i: ex.litgpt_loss(model, i, 0), backend="mst", options=FAST)
+        loss = step(ids)
+    loss.backward()
+    assert (rewritten("moe"), rewritten("head"), mst_compile.counters["graphs"]) == (2, 1, 1), describe()
+    assert_same_training_step(ref_loss, ref, loss, model)
+
+
 @pytest.mark.slow
 def test_compiled_step_peak_is_below_inductor():
     """4096 tokens, H=128, I=1024, V=8192, fp32, one step compiled (model + plain cross-entropy)."""
@@ -93,3 +109,11 @@ def test_compiled_step_peak_is_below_inductor():
     assert mst["counters"]["mlp_rewritten"] == 2 and mst["counters"]["head_rewritten"] == 1, mst["reports"]
     # measured here: 38 vs 264 MiB (0.14), loss equal to 1e-7 relative
     assert mst["peak_mib"] < 0.4 * base["peak_mib"], (mst["peak_mib"], base["peak_mib"])
+
+
+@pytest.mark.slow
+def test_mixtral_style_step_peak_is_below_inductor():
+    """4096 tokens, 8 experts top-2, H=128, I=1024, V=8192, fp32, ``torch.where`` captured in both arms."""
+    base, mst = compare_memory("litgpt", 4096, "--litgpt-config", "Mixtral-8x7B-v0.1")
+    assert mst["counters"]["moe_rewritten"] == 2 and mst["counters"]["head_rewritten"] == 1, mst["reports"]
+    assert mst["peak_mib"] < 0.5 * base["peak_mib"], (mst["peak_mib"], base["peak_mib"])

@@ -17,11 +17,13 @@ a second row-wise output next to the block's output::
 Every size that names the token count inside the block (``view(T, k, H)``, ``arange(T * k)``) is re-addressed
 to the chunk's rows. Only the block's input and the weights are saved for backward.
 
-Forms (transformers 5): ``experts_implementation="batched_mm"`` and ``"grouped_mm"`` (the default; on the CPU
+Forms: transformers 5's ``experts_implementation="batched_mm"`` and ``"grouped_mm"`` (the default; on the CPU
 and for non-bf16 weights under compile it calls ``transformers::grouped_mm_fallback``) are one graph each and
-are chunked. ``"eager"`` loops over ``nonzero()`` of the expert mask: Dynamo breaks the graph there (a
-data-dependent loop count, even with ``capture_dynamic_output_shape_ops``), so no graph holds a whole block;
-the router's piece is recorded as skipped.
+are chunked; so is an expert loop over the experts that dispatches with ``torch.where(mask)`` (litgpt's
+``LLaMAMoE``; NOTE [selected rows]) when Dynamo captures ``torch.where`` (``capture_dynamic_output_shape_ops``).
+transformers' ``"eager"`` loops over ``nonzero()`` of the expert mask: Dynamo breaks the graph there (a
+data-dependent loop count, even with that flag), so no graph holds a whole block; the router's piece is
+recorded as skipped.
 
 The MoE pass runs when the MLP pass does (``mlp=True``), before it, so an expert MLP or a shared expert that
 reads the block input is part of the MoE region and not taken for a dense MLP.
@@ -42,12 +44,13 @@ from ...report import Region
 from ..shared import tval
 from .build import emit
 from .context import CantChunk, PassContext, skip
-from .modes import autocast_states, region_autocast, region_grad
-from .nodes import numel_bytes
 from .mlp import rowwise_nodes
+from .modes import autocast_states, region_autocast, region_grad
 from .moe_admit import Layouts
-from .moe_layout import is_fn, is_method
+from .moe_layout import Lay, is_fn, is_method
 from .moe_match import find_region, has_experts, is_topk, router_of
+from .moe_select import is_selection
+from .nodes import numel_bytes
 
 MAX_OUTPUTS = 4
 
@@ -121,11 +124,12 @@ def output_slice(g: fx.Graph, y: fx.Node, start: int, stop: int, shape: list[int
     return part if len(shape) == 1 else emit(g, "call_method", "reshape", (part, -1, *shape))
 
 
-def _check_body(key: str, x: fx.Node, params: list[fx.Node], width: int, dtype) -> None:
-    """Run the body on a 3-row fake chunk (a fresh FakeTensorMode: no shape guards are installed)."""
+def _check_body(key: str, x: fx.Node, params: list[fx.Node], width: int, dtype, selects: bool) -> None:
+    """Run the body on a 3-row fake chunk (a fresh FakeTensorMode: no shape guards reach the user's graph; with
+    a shape environment of its own where the body selects rows, whose count is data-dependent)."""
     xv = tval(x)
     try:
-        with _compat.FakeTensorMode():
+        with _compat.FakeTensorMode(shape_env=_compat.ShapeEnv() if selects else None):
             xm = torch.empty((3, xv.shape[-1]), dtype=xv.dtype, device=xv.device)
             pm = [torch.empty(tuple(tval(p).shape), dtype=tval(p).dtype, device=tval(p).device) for p in params]
             out = registry.get(key)(xm, *pm)
@@ -135,10 +139,22 @@ def _check_body(key: str, x: fx.Node, params: list[fx.Node], width: int, dtype) 
         raise CantChunk(f"the extracted block gives {tuple(out.shape)} {out.dtype}, expected [rows, {width}] {dtype}")
 
 
-def _plan(ctx: PassContext, x: fx.Node, region: list[fx.Node], outputs: list[fx.Node]):
+def _expected_bytes(n: fx.Node, lays: Layouts, selections: int) -> float:
+    """A value's bytes for the plan; the rows of a selection (a data-dependent count) taken at their mean over
+    the region's selections: the true entries of the mask, ``mask.numel() / selections`` (NOTE [selected rows])."""
+    v, lay = tval(n), lays.lay.get(n)
+    if isinstance(lay, Lay) and lay.sort is not None and is_selection(lay.sort) and v.dim():
+        rows = _compat.size_hint(tval(lay.sort.args[0]).numel()) / max(selections, 1)
+        return rows * math.prod(_compat.size_hint(d) for d in v.shape[1:]) * v.element_size()
+    return numel_bytes(v)
+
+
+def _plan(ctx: PassContext, x: fx.Node, region: list[fx.Node], outputs: list[fx.Node], lays: Layouts):
     xv = tval(x)
     t = xv.shape[0]
-    per_token = [numel_bytes(tval(n)) / max(_compat.size_hint(t), 1) for n in region if n not in outputs and tval(n) is not None]
+    sel = sum(1 for n in region if is_selection(n))
+    per_token = [_expected_bytes(n, lays, sel) / max(_compat.size_hint(t), 1) for n in region
+                 if n not in outputs and tval(n) is not None]  # fmt: skip
     wide = max([_compat.size_hint(tval(n).numel()) // max(_compat.size_hint(t), 1) for n in region if tval(n) is not None] + [1])
     rows = t if isinstance(t, int) else None
     plan = chunk_plan(ctx.config, rows=rows, input_size=int(xv.shape[-1]), wide_size=wide, row_bytes=int(sum(per_token)),
@@ -182,8 +198,8 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
             # NOTE [compiled bodies] does not apply: a MoE body's sort, histogram and gathers are not measured
             # through compile_fx, so it runs op by op on every device
             key = registry.register("moe", body, sum(widths), dtype, autocast=amp, compiled=False)
-            plan, inter = _plan(ctx, x, region, outputs)
-            _check_body(key, x, params, sum(widths), dtype)
+            plan, inter = _plan(ctx, x, region, outputs, lays)
+            _check_body(key, x, params, sum(widths), dtype, any(is_selection(n) for n in region))
             order = {n: i for i, n in enumerate(gm.graph.nodes)}
             last_input = max([x, *params], key=order.__getitem__)
             users = [u for o in outputs for u in o.users if u not in set(region)]

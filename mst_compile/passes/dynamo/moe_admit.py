@@ -28,10 +28,11 @@ from .moe_layout import (
     ratio,
 )
 from .moe_routing import RoutingRules
+from .moe_select import SelectionRules
 from .nodes import is_elementwise, linear_args
 
 
-class Layouts(RoutingRules):
+class Layouts(RoutingRules, SelectionRules):
     """The layouts of one candidate region's nodes, admitted one by one in graph order from ``x``
     (NOTE [token-wise MoE])."""
 
@@ -42,6 +43,7 @@ class Layouts(RoutingRules):
         self.param_like = param_like  # node -> bool: a weight (no token rows, independent of x)
         self.extra: list[fx.Node] = []  # nodes pulled into the region by a rule (the inverse permutation's arange)
         self.mutated: set[fx.Node] = set()
+        self.writers: dict[fx.Node, list[fx.Node]] = {}  # a region value -> its indexed writes (NOTE [selected rows])
 
     # -- helpers -------------------------------------------------------------------------------------------
     def of(self, a):
@@ -77,11 +79,15 @@ class Layouts(RoutingRules):
             raise NotRowwise(f"{n.name} reads no token-wise value")
         if n.op == "call_function" and n.target is operator.getitem:
             return self._getitem(n)
+        by_selection = self.selection_rule(n)
+        if by_selection is not None:
+            return by_selection
         if n.op == "call_function" and n.target in INPLACE or is_method(n, *INPLACE_METHODS):
             target = n.args[0]
             if target is self.x or target not in self.lay:
                 raise NotRowwise(f"{n.name} writes in place into a value that is not the region's own")
             self.mutated.add(target)
+            self.writers.setdefault(target, []).append(n)
             return self._elementwise(n)
         if is_method(n, *CASTS) or is_elementwise(n):
             lay = self._elementwise(n)

@@ -12,6 +12,9 @@ known. Each admitted node gets a :class:`Lay`:
 - ``perm`` / ``permtok`` / ``invpend`` / ``inv`` / ``hist`` / ``offs`` / ``arange`` / ``effect``: the
   routing indices of the grouped form below (a permutation, ``perm // k``, the inverse permutation before and
   after it is written, the expert histogram, its offsets, the ramp written into the inverse, the write).
+- ``sel`` / ``selc`` / ``tdim`` / ``size``: the token and other coordinates of a ``torch.where(mask)``
+  selection, a mask stack whose tokens are on another dimension, a selection's size; rows gathered by a
+  selection are ``rows(1, sort=where)`` (NOTE [selected rows], ``moe_select.py``).
 - ``rows(f, sort=s)``: the same rows permuted by the permutation ``perm`` of sort ``s`` (row ``r`` is the
   unpermuted row ``perm[r]``). Only HF's grouped-experts spelling is accepted: ``perm`` from ``sort`` of a 1-D
   ``rows(f)`` tensor, rows gathered by ``perm`` (or by ``perm // k`` from a ``rows(f / k)`` tensor), a grouped
@@ -46,11 +49,11 @@ from .context import CantChunk
 class Lay:
     """A node's token layout (NOTE [token-wise MoE])."""
 
-    kind: str  # "rows" | "perm" | "permtok" | "invpend" | "inv" | "hist" | "offs"
+    kind: str  # "rows" | "perm" | "permtok" | "invpend" | "inv" | "hist" | "offs" | "sel" | "selc" | "tdim" | "size"
     f: int = 1  # rows per token (of the sorted rows for the index kinds)
-    sort: fx.Node | None = None  # the sort whose permutation the rows follow / the index belongs to
+    sort: fx.Node | None = None  # the sort (or selection) whose order the rows follow / the index belongs to
     ids: int | None = None  # the values are integer expert ids in [0, ids)
-    k: int = 1  # permtok: the divisor of ``perm // k``; hist/offs: unused
+    k: int = 1  # permtok: the divisor of ``perm // k``; selc: the coordinate; tdim: the tokens' dimension
 
     def same_rows(self, other: "Lay") -> bool:
         return self.kind == other.kind == "rows" and self.f == other.f and self.sort is other.sort

@@ -12,6 +12,7 @@ from ..shared import tval, val
 from .context import CantChunk, PassContext
 from .moe_admit import Layouts
 from .moe_layout import GROUPED_MM_FUNCTIONS, GROUPED_MM_OPS, Lay, NotRowwise, is_fn, is_method, op_name
+from .moe_select import is_constant_factory, is_selection
 from .nodes import linear_args
 
 
@@ -48,18 +49,20 @@ def router_of(topk: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return x, router
 
 
-def _weight_like(n: fx.Node, memo: dict) -> bool:
-    """A value made only from parameters (and module attributes): a weight, never token-shaped."""
+def _weight_like(n: fx.Node, memo: dict, tokens) -> bool:
+    """A value made only from parameters, module attributes and constants: a weight, never token-shaped."""
     if n in memo:
         return memo[n]
     memo[n] = False
-    if n.op == "placeholder":
+    if is_constant_factory(n, tokens):
+        ok = True
+    elif n.op == "placeholder":
         ok = isinstance(val(n), torch.nn.Parameter)
     elif n.op == "get_attr":
         ok = True
     else:
         ins = n.all_input_nodes
-        ok = bool(ins) and all(_weight_like(a, memo) for a in ins) and tval(n) is not None
+        ok = bool(ins) and all(_weight_like(a, memo, tokens) for a in ins) and tval(n) is not None
     memo[n] = ok
     return ok
 
@@ -70,7 +73,7 @@ def find_region(x: fx.Node, ctx: PassContext):
     if xv is None or xv.dim() != 2:
         raise CantChunk(f"the router reads {x.name}, which is not a [tokens, hidden] matrix")
     memo: dict = {}
-    lays = Layouts(x, lambda a: _weight_like(a, memo))
+    lays = Layouts(x, lambda a: _weight_like(a, memo, xv.shape[0]))
     order = {n: i for i, n in enumerate(x.graph.nodes)}
     cone, region, rejected = {x}, [], {}
     for n in x.graph.nodes:
@@ -89,8 +92,9 @@ def find_region(x: fx.Node, ctx: PassContext):
     inside = set(region)
     outputs = [n for n in region if any(u not in inside for u in n.users)]
     for n in region:
-        if n in lays.mutated and any(u not in inside for u in n.users):
-            raise CantChunk(f"{n.name} is written in place and read outside the block")
+        late = max((order[w] for w in lays.writers.get(n, [])), default=order[n])
+        if n in lays.mutated and any(u not in inside and order[u] < late for u in n.users):
+            raise CantChunk(f"{n.name} is written in place and read outside the block before the write")
     for o in outputs:
         why = next((rejected[u] for u in o.users if u in rejected), "")
         lay, v = lays.lay.get(o), tval(o)
@@ -108,6 +112,10 @@ def has_experts(region: list[fx.Node], lays: Layouts) -> bool:
     gathered = {n for n in region if n.op == "call_function" and n.target is operator.getitem
                 and lays.of(n.args[0]) is None and isinstance(n.args[1], fx.Node)}  # fmt: skip
     for n in region:
+        if linear_args(n) is not None and getattr(lays.of(linear_args(n)[0]), "sort", None) is not None and (
+            is_selection(lays.of(linear_args(n)[0]).sort)
+        ):
+            return True  # a projection of one selection's rows: an expert of a ``torch.where`` loop
         if op_name(n.target) in GROUPED_MM_OPS or is_fn(n, *GROUPED_MM_FUNCTIONS):
             return True
         if (is_fn(n, torch.bmm, torch.matmul) or is_method(n, "bmm", "matmul")) and any(

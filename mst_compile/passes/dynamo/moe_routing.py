@@ -17,8 +17,10 @@ class RoutingRules:
     def _getitem(self, n: fx.Node):
         src, idx = n.args[0], n.args[1]
         lay = self.of(src)
-        if isinstance(lay, tuple):  # an element of topk / sort / chunk
+        if isinstance(lay, tuple):  # an element of topk / sort / chunk / a selection
             return lay[idx]
+        if isinstance(lay, Lay) and lay.kind == "tdim":
+            return self._tdim_getitem(n, lay)
         il = self.of(idx) if isinstance(idx, fx.Node) else None
         if lay is None and isinstance(il, Lay) and il.kind == "rows" and tval(idx).dim() == 1:
             if tval(idx).dtype not in (torch.int64, torch.int32):
@@ -26,6 +28,9 @@ class RoutingRules:
             return Lay("rows", il.f, il.sort)  # W[expert_ids]: one weight slice per row
         if not isinstance(lay, Lay) or lay.kind != "rows":
             raise NotRowwise(f"{n.name}: indexes a routing value")
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        if items and isinstance(items[0], fx.Node) and getattr(self.of(items[0]), "kind", None) == "sel":
+            return self._gather_selected(n, lay, items)
         if isinstance(il, Lay):
             if il.kind == "perm" and lay.sort is None and lay.f == il.f:
                 return Lay("rows", il.f, il.sort, lay.ids)
@@ -34,7 +39,6 @@ class RoutingRules:
             if il.kind == "inv" and lay.sort is il.sort and lay.f == il.f:
                 return Lay("rows", il.f, None, lay.ids)
             raise NotRowwise(f"{n.name}: rows gathered by an index that is not a proven per-token permutation")
-        items = list(idx) if isinstance(idx, tuple) else [idx]
         if any(isinstance(i, fx.Node) for i in items):
             raise NotRowwise(f"{n.name}: tensor indexing of token rows")
         first = items[0] if items else slice(None)
@@ -48,6 +52,8 @@ class RoutingRules:
 
     def _setitem(self, n: fx.Node):
         inv, idx, value = n.args
+        if isinstance(idx, fx.Node) and getattr(self.of(idx), "kind", None) == "sel":
+            return self._write_selected(n, inv, idx, value)
         li, lp = self.of(inv), self.of(idx) if isinstance(idx, fx.Node) else None
         if not (isinstance(li, Lay) and li.kind == "invpend" and isinstance(lp, Lay) and lp.kind == "perm"
                 and lp.sort is li.sort):  # fmt: skip
