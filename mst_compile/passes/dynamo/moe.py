@@ -50,7 +50,6 @@ from .moe_admit import Layouts
 from .moe_layout import Lay, is_fn, is_method
 from .moe_match import find_region, has_experts, is_topk, router_of
 from .moe_select import is_selection
-from .nodes import numel_bytes
 
 MAX_OUTPUTS = 4
 
@@ -139,23 +138,26 @@ def _check_body(key: str, x: fx.Node, params: list[fx.Node], width: int, dtype, 
         raise CantChunk(f"the extracted block gives {tuple(out.shape)} {out.dtype}, expected [rows, {width}] {dtype}")
 
 
-def _expected_bytes(n: fx.Node, lays: Layouts, selections: int) -> float:
-    """A value's bytes for the plan; the rows of a selection (a data-dependent count) taken at their mean over
-    the region's selections: the true entries of the mask, ``mask.numel() / selections`` (NOTE [selected rows])."""
+def _expected_numel(n: fx.Node, lays: Layouts, selections: int) -> float:
+    """A value's element count for the plan; the rows of a selection (a data-dependent count) taken as the
+    mask's true entries over ``selections``: their mean over the region's selections is ``mask.numel() / n``
+    when each token picks ``k`` of ``n`` experts (NOTE [selected rows]); ``selections=1`` gives all the experts'
+    rows together, the size of the grouped form's single tensor."""
     v, lay = tval(n), lays.lay.get(n)
     if isinstance(lay, Lay) and lay.sort is not None and is_selection(lay.sort) and v.dim():
         rows = _compat.size_hint(tval(lay.sort.args[0]).numel()) / max(selections, 1)
-        return rows * math.prod(_compat.size_hint(d) for d in v.shape[1:]) * v.element_size()
-    return numel_bytes(v)
+        return rows * math.prod(_compat.size_hint(d) for d in v.shape[1:])
+    return _compat.size_hint(v.numel())
 
 
 def _plan(ctx: PassContext, x: fx.Node, region: list[fx.Node], outputs: list[fx.Node], lays: Layouts):
     xv = tval(x)
     t = xv.shape[0]
     sel = sum(1 for n in region if is_selection(n))
-    per_token = [_expected_bytes(n, lays, sel) / max(_compat.size_hint(t), 1) for n in region
-                 if n not in outputs and tval(n) is not None]  # fmt: skip
-    wide = max([_compat.size_hint(tval(n).numel()) // max(_compat.size_hint(t), 1) for n in region if tval(n) is not None] + [1])
+    tensors = [n for n in region if tval(n) is not None]
+    tokens = max(_compat.size_hint(t), 1)
+    per_token = [_expected_numel(n, lays, sel) * tval(n).element_size() / tokens for n in tensors if n not in outputs]
+    wide = max([int(_expected_numel(n, lays, 1)) // tokens for n in tensors] + [1])
     rows = t if isinstance(t, int) else None
     plan = chunk_plan(ctx.config, rows=rows, input_size=int(xv.shape[-1]), wide_size=wide, row_bytes=int(sum(per_token)),
                       device_type=xv.device.type, device_index=xv.device.index)  # fmt: skip

@@ -31,6 +31,9 @@ from .moe_routing import RoutingRules
 from .moe_select import SelectionRules
 from .nodes import is_elementwise, linear_args
 
+VIEWS = ("view", "reshape", "unsqueeze", "squeeze", "permute", "contiguous", "flatten", "expand", "type_as", "float",
+         "half", "bfloat16", "double")  # may return their input's storage (a cast to the same dtype does)
+
 
 class Layouts(RoutingRules, SelectionRules):
     """The layouts of one candidate region's nodes, admitted one by one in graph order from ``x``
@@ -46,6 +49,20 @@ class Layouts(RoutingRules, SelectionRules):
         self.writers: dict[fx.Node, list[fx.Node]] = {}  # a region value -> its indexed writes (NOTE [selected rows])
 
     # -- helpers -------------------------------------------------------------------------------------------
+    def aliases_input(self, n: fx.Node) -> bool:
+        """Whether ``n`` may share storage with the region input (a view of it): a write into it would change
+        the input, which each chunk's recompute reads again."""
+        while n is not self.x:
+            basic = n.target is operator.getitem and not isinstance(n.args[1], fx.Node) and not (
+                isinstance(n.args[1], tuple) and any(isinstance(i, fx.Node) for i in n.args[1]))  # fmt: skip
+            if not (is_method(n, *VIEWS) or is_fn(n, torch.reshape, torch.unsqueeze, torch.squeeze, torch.permute)
+                    or basic or is_method(n, "to") and not n.kwargs.get("copy")):  # fmt: skip
+                return False
+            n = n.args[0]
+            if not isinstance(n, fx.Node):
+                return False
+        return True
+
     def of(self, a):
         """The layout of a region value, ``None`` for a parameter or a constant; raise if neither."""
         if isinstance(a, fx.Node):
@@ -84,7 +101,7 @@ class Layouts(RoutingRules, SelectionRules):
             return by_selection
         if n.op == "call_function" and n.target in INPLACE or is_method(n, *INPLACE_METHODS):
             target = n.args[0]
-            if target is self.x or target not in self.lay:
+            if target not in self.lay or self.aliases_input(target):
                 raise NotRowwise(f"{n.name} writes in place into a value that is not the region's own")
             self.mutated.add(target)
             self.writers.setdefault(target, []).append(n)

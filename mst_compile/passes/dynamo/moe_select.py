@@ -10,8 +10,9 @@ exactly the full call's entries whose token lies in ``[a, b)``, in the same orde
 - ``src[sel]`` and ``src[sel, selc_1, ..., None]`` of a ``rows(1)`` tensor: ``rows(1, sort=where)``, one row per
   selected entry (the ``sort`` field names the selection as it names a permutation's sort); projections and
   arithmetic among rows of the same selection keep it;
-- ``dst[sel] = v`` / ``dst.index_add_(0, sel, v)`` with ``v`` rows of that selection, into a ``rows(1)`` value the
-  region made (``zeros_like(x)``): a write of each selected entry into its own token's row;
+- ``dst[sel] = v`` / ``dst.index_add_(0, sel, v)`` with ``v`` rows of that selection, into a ``rows(1)`` tensor the
+  region made (``zeros_like(x)``, a ``clone``; never a view of the input, which the recompute reads again): a
+  write of each selected entry into its own token's row;
 - the selection's size (``sym_size``) and Dynamo's range asserts on it stay inside the region.
 
 The layout ``tdim`` (tokens along a dimension other than 0) admits the mask stack of that loop:
@@ -103,8 +104,9 @@ class SelectionRules:
         """``dst[sel] = value`` / ``dst.index_add_(0, sel, value)``: each selected entry into its token's row."""
         ld, li = self.of(dst), self.of(idx) if isinstance(idx, fx.Node) else None
         lv = self.of(value) if isinstance(value, fx.Node) else None
-        if dst is self.x or not (isinstance(ld, Lay) and ld.kind == "rows" and ld.f == 1 and ld.sort is None):
-            raise NotRowwise(f"{n.name}: an indexed write into a value that is not the region's own rows")
+        fresh = is_fn(dst, torch.zeros_like, torch.ones_like) or is_method(dst, "clone")  # never a view of the input
+        if not (fresh and isinstance(ld, Lay) and ld.kind == "rows" and ld.f == 1 and ld.sort is None):
+            raise NotRowwise(f"{n.name}: an indexed write into a value that is not the region's own new rows")
         if not (isinstance(li, Lay) and li.kind == "sel" and isinstance(lv, Lay) and lv.kind == "rows"
                 and lv.sort is li.sort):  # fmt: skip
             raise NotRowwise(f"{n.name}: an indexed write whose rows are not the selection's")

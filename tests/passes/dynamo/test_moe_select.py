@@ -21,13 +21,13 @@ class WhereLoopMoE(torch.nn.Module):
     """litgpt's ``LLaMAMoE`` forward, as it is written there: top-k router, a mask per expert, ``torch.where``
     dispatch, ``y[token_idx] += probs * expert(x[token_idx])``."""
 
-    def __init__(self, h=16, i=24, e=4, k=2, capacity=None, tokens_last=False):
+    def __init__(self, h=16, i=24, e=4, k=2, capacity=None, tokens_last=False, into_input=False):
         super().__init__()
         self.gate = torch.nn.Linear(h, e, bias=False)
         self.experts = torch.nn.ModuleList(
             torch.nn.ModuleDict({"fc_1": torch.nn.Linear(h, i, bias=False), "fc_2": torch.nn.Linear(h, i, bias=False),
                                  "proj": torch.nn.Linear(i, h, bias=False)}) for _ in range(e))  # fmt: skip
-        self.e, self.k, self.capacity, self.tokens_last = e, k, capacity, tokens_last
+        self.e, self.k, self.capacity, self.tokens_last, self.into_input = e, k, capacity, tokens_last, into_input
 
     def forward(self, x):
         b, t, c = x.size()
@@ -37,7 +37,7 @@ class WhereLoopMoE(torch.nn.Module):
         probs = probs.softmax(dim=1, dtype=torch.float).to(dtype=x.dtype)
         masks = indices.unsqueeze(-1) == torch.arange(self.e, device=x.device)
         masks = masks.permute(2, 1, 0) if self.tokens_last else masks.permute(2, 0, 1)
-        y = torch.zeros_like(x)
+        y = x if self.into_input else torch.zeros_like(x)  # the first: adds the experts onto the input itself
         for mask, ex in zip(masks, self.experts):
             if self.tokens_last:  # HF's eager layout: [k, T] per expert
                 expert_idx, token_idx = torch.where(mask)
@@ -84,6 +84,13 @@ def test_a_mask_with_tokens_last_is_left_alone():
     _, ctx, _ = rewrite(WhereLoopMoE(tokens_last=True), torch.randn(2, 7, 16), config=CONFIG)
     (r,) = regions(ctx, "moe", "skipped")
     assert "not a token-row tensor" in r.reason, r.reason
+
+
+def test_an_indexed_write_into_the_input_is_left_alone():
+    """``x[token_idx] += ...`` writes into the block's input, which every chunk's recompute reads again."""
+    _, ctx, _ = rewrite(WhereLoopMoE(into_input=True), torch.randn(2, 7, 16), config=CONFIG)
+    (r,) = regions(ctx, "moe", "skipped")
+    assert "not the region's own new rows" in r.reason, r.reason
 
 
 class WhereLoopLM(torch.nn.Module):
