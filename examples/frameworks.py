@@ -281,7 +281,8 @@ def main(argv=None) -> None:
     p.add_argument("--litgpt-config", default="Llama-3.2-1B", help="a litgpt config name (its style, tiny size)")
     p.add_argument("--options", default=None, help="mst options as JSON")
     a = p.parse_args(argv)
-    kw = {"litgpt_loss_chunk": a.litgpt_loss_chunk, "litgpt_config": a.litgpt_config, "options": json.loads(a.options) if a.options else None}
+    kw = {"litgpt_loss_chunk": a.litgpt_loss_chunk, "litgpt_config": a.litgpt_config,
+          "options": json.loads(a.options) if a.options else None}  # fmt: skip
     sys.stdout.write(json.dumps(measure(a.framework, a.backend, a.tokens, a.steps, **kw)) + "\n")
 
 

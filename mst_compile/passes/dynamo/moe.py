@@ -47,9 +47,9 @@ from .context import CantChunk, PassContext, skip
 from .mlp import rowwise_nodes
 from .modes import autocast_states, region_autocast, region_grad
 from .moe_admit import Layouts
-from .moe_layout import Lay, is_fn, is_method
+from .moe_layout import is_fn, is_method
 from .moe_match import find_region, has_experts, is_topk, router_of
-from .moe_select import is_selection
+from .moe_select import is_selection, selection_of
 
 MAX_OUTPUTS = 4
 
@@ -143,20 +143,20 @@ def _expected_numel(n: fx.Node, lays: Layouts, selections: int) -> float:
     mask's true entries over ``selections``: their mean over the region's selections is ``mask.numel() / n``
     when each token picks ``k`` of ``n`` experts (NOTE [selected rows]); ``selections=1`` gives all the experts'
     rows together, the size of the grouped form's single tensor."""
-    v, lay = tval(n), lays.lay.get(n)
-    if isinstance(lay, Lay) and lay.sort is not None and is_selection(lay.sort) and v.dim():
-        rows = _compat.size_hint(tval(lay.sort.args[0]).numel()) / max(selections, 1)
+    v, where = tval(n), selection_of(lays.lay.get(n))
+    if where is not None and v.dim():
+        rows = _compat.size_hint(tval(where.args[0]).numel()) / max(selections, 1)
         return rows * math.prod(_compat.size_hint(d) for d in v.shape[1:])
     return _compat.size_hint(v.numel())
 
 
-def _plan(ctx: PassContext, x: fx.Node, region: list[fx.Node], outputs: list[fx.Node], lays: Layouts):
+def _plan(ctx: PassContext, x: fx.Node, region: list[fx.Node], outputs: list[fx.Node], lays: Layouts, selections: int):
     xv = tval(x)
     t = xv.shape[0]
-    sel = sum(1 for n in region if is_selection(n))
     tensors = [n for n in region if tval(n) is not None]
     tokens = max(_compat.size_hint(t), 1)
-    per_token = [_expected_numel(n, lays, sel) * tval(n).element_size() / tokens for n in tensors if n not in outputs]
+    per_token = [_expected_numel(n, lays, selections) * tval(n).element_size() / tokens
+                 for n in tensors if n not in outputs]  # fmt: skip
     wide = max([int(_expected_numel(n, lays, 1)) // tokens for n in tensors] + [1])
     rows = t if isinstance(t, int) else None
     plan = chunk_plan(ctx.config, rows=rows, input_size=int(xv.shape[-1]), wide_size=wide, row_bytes=int(sum(per_token)),
@@ -200,8 +200,9 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
             # NOTE [compiled bodies] does not apply: a MoE body's sort, histogram and gathers are not measured
             # through compile_fx, so it runs op by op on every device
             key = registry.register("moe", body, sum(widths), dtype, autocast=amp, compiled=False)
-            plan, inter = _plan(ctx, x, region, outputs, lays)
-            _check_body(key, x, params, sum(widths), dtype, any(is_selection(n) for n in region))
+            selections = sum(1 for n in region if is_selection(n))
+            plan, inter = _plan(ctx, x, region, outputs, lays, selections)
+            _check_body(key, x, params, sum(widths), dtype, selections > 0)
             order = {n: i for i, n in enumerate(gm.graph.nodes)}
             last_input = max([x, *params], key=order.__getitem__)
             users = [u for o in outputs for u in o.users if u not in set(region)]

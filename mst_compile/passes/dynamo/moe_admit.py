@@ -45,8 +45,7 @@ class Layouts(RoutingRules, SelectionRules):
         self.lay: dict[fx.Node, object] = {x: Lay("rows", 1)}
         self.param_like = param_like  # node -> bool: a weight (no token rows, independent of x)
         self.extra: list[fx.Node] = []  # nodes pulled into the region by a rule (the inverse permutation's arange)
-        self.mutated: set[fx.Node] = set()
-        self.writers: dict[fx.Node, list[fx.Node]] = {}  # a region value -> its indexed writes (NOTE [selected rows])
+        self.writers: dict[fx.Node, list[fx.Node]] = {}  # a region value written in place -> the nodes writing it
 
     # -- helpers -------------------------------------------------------------------------------------------
     def aliases_input(self, n: fx.Node) -> bool:
@@ -103,7 +102,6 @@ class Layouts(RoutingRules, SelectionRules):
             target = n.args[0]
             if target not in self.lay or self.aliases_input(target):
                 raise NotRowwise(f"{n.name} writes in place into a value that is not the region's own")
-            self.mutated.add(target)
             self.writers.setdefault(target, []).append(n)
             return self._elementwise(n)
         if is_method(n, *CASTS) or is_elementwise(n):

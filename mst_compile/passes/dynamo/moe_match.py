@@ -12,7 +12,7 @@ from ..shared import tval, val
 from .context import CantChunk, PassContext
 from .moe_admit import Layouts
 from .moe_layout import GROUPED_MM_FUNCTIONS, GROUPED_MM_OPS, Lay, NotRowwise, is_fn, is_method, op_name
-from .moe_select import is_constant_factory, is_selection
+from .moe_select import is_constant_factory, selection_of
 from .nodes import linear_args
 
 
@@ -92,8 +92,8 @@ def find_region(x: fx.Node, ctx: PassContext):
     inside = set(region)
     outputs = [n for n in region if any(u not in inside for u in n.users)]
     for n in region:
-        late = max((order[w] for w in lays.writers.get(n, [])), default=order[n])
-        if n in lays.mutated and any(u not in inside and order[u] < late for u in n.users):
+        writes = lays.writers.get(n)
+        if writes and any(u not in inside and order[u] < max(map(order.__getitem__, writes)) for u in n.users):
             raise CantChunk(f"{n.name} is written in place and read outside the block before the write")
     for o in outputs:
         why = next((rejected[u] for u in o.users if u in rejected), "")
@@ -112,9 +112,7 @@ def has_experts(region: list[fx.Node], lays: Layouts) -> bool:
     gathered = {n for n in region if n.op == "call_function" and n.target is operator.getitem
                 and lays.of(n.args[0]) is None and isinstance(n.args[1], fx.Node)}  # fmt: skip
     for n in region:
-        if linear_args(n) is not None and getattr(lays.of(linear_args(n)[0]), "sort", None) is not None and (
-            is_selection(lays.of(linear_args(n)[0]).sort)
-        ):
+        if linear_args(n) is not None and selection_of(lays.of(linear_args(n)[0])) is not None:
             return True  # a projection of one selection's rows: an expert of a ``torch.where`` loop
         if op_name(n.target) in GROUPED_MM_OPS or is_fn(n, *GROUPED_MM_FUNCTIONS):
             return True

@@ -29,7 +29,7 @@ class RoutingRules:
         if not isinstance(lay, Lay) or lay.kind != "rows":
             raise NotRowwise(f"{n.name}: indexes a routing value")
         items = list(idx) if isinstance(idx, tuple) else [idx]
-        if items and isinstance(items[0], fx.Node) and getattr(self.of(items[0]), "kind", None) == "sel":
+        if items and self.is_token_coordinate(items[0]):
             return self._gather_selected(n, lay, items)
         if isinstance(il, Lay):
             if il.kind == "perm" and lay.sort is None and lay.f == il.f:
@@ -52,7 +52,7 @@ class RoutingRules:
 
     def _setitem(self, n: fx.Node):
         inv, idx, value = n.args
-        if isinstance(idx, fx.Node) and getattr(self.of(idx), "kind", None) == "sel":
+        if self.is_token_coordinate(idx):
             return self._write_selected(n, inv, idx, value)
         li, lp = self.of(inv), self.of(idx) if isinstance(idx, fx.Node) else None
         if not (isinstance(li, Lay) and li.kind == "invpend" and isinstance(lp, Lay) and lp.kind == "perm"

@@ -44,6 +44,12 @@ def is_selection(n: fx.Node) -> bool:
     return False
 
 
+def selection_of(lay) -> fx.Node | None:
+    """The selection whose entries a layout's rows are (``rows(1, sort=where)``), else ``None``."""
+    sort = getattr(lay, "sort", None)
+    return sort if sort is not None and is_selection(sort) else None
+
+
 def is_constant_factory(n: fx.Node, tokens) -> bool:
     """A tensor made in the graph from constants only (``arange(E)``), none of its sizes a multiple of the token
     count: the same on every chunk, so it is read like a weight."""
@@ -110,20 +116,22 @@ class SelectionRules:
         if not (isinstance(li, Lay) and li.kind == "sel" and isinstance(lv, Lay) and lv.kind == "rows"
                 and lv.sort is li.sort):  # fmt: skip
             raise NotRowwise(f"{n.name}: an indexed write whose rows are not the selection's")
-        self.mutated.add(dst)
         self.writers.setdefault(dst, []).append(n)
         return Lay("effect")
 
     def _size(self, n: fx.Node) -> Lay:
         """``sym_size(v, 0)`` of a selection's value, and comparisons / asserts of it (Dynamo's range checks)."""
         if is_fn(n, torch.ops.aten.sym_size.int):
-            lay = self.of(n.args[0])
-            if isinstance(lay, Lay) and lay.sort is not None and is_selection(lay.sort) and n.args[1] == 0:
+            if selection_of(self.of(n.args[0])) is not None and n.args[1] == 0:
                 return Lay("size")
             raise NotRowwise(f"{n.name}: the size of a token value")
         if all(not isinstance(self.of(a), Lay) or self.of(a).kind == "size" for a in n.all_input_nodes):
             return Lay("size") if n.target in COMPARE else Lay("effect")
         raise NotRowwise(f"{n.name}: a size compared with a token value")
+
+    def is_token_coordinate(self, a) -> bool:
+        """Whether ``a`` is a selection's token coordinate (layout ``sel``)."""
+        return isinstance(a, fx.Node) and getattr(self.of(a), "kind", None) == "sel"
 
     def selection_rule(self, n: fx.Node):
         """The layout by these rules, or ``None`` when none applies."""

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import mst_compile
-from tests.conftest import assert_close_rel, assert_matches_eager, calls, grads, regions, rewrite
+from tests.conftest import assert_matches_eager, calls, grads, regions, rewrite
+from tests.frameworks.helpers import assert_same_training_step
 
 CONFIG = mst_compile.MSTConfig(num_chunks=3)
 
@@ -124,8 +125,4 @@ def test_model_through_the_backend_matches_eager():
     assert mst_compile.counters["moe_rewritten"] == 1 and mst_compile.counters["graphs"] == 1, dict(
         mst_compile.counters
     )
-    assert_close_rel(loss, ref, name="loss")
-    got_g = grads(model)
-    assert got_g.keys() == ref_g.keys()
-    for k in ref_g:
-        assert_close_rel(got_g[k], ref_g[k], name=k)
+    assert_same_training_step(ref, ref_g, loss, model)
