@@ -3,7 +3,8 @@ under ``backend="mst"`` or plain Inductor: one training step's loss and peak mem
 
     python examples/frameworks.py litgpt --backend mst --tokens 4096
     python examples/frameworks.py litgpt --backend inductor --tokens 4096
-    python examples/frameworks.py vit | torchtitan | torchtune ...
+    python examples/frameworks.py vit | torchtitan | torchtune | styles ...
+    python examples/frameworks.py torchtune --layout whole-model ...   (LAYOUTS: what else each can compile)
 
 How each framework compiles (no model code changes anywhere):
 
@@ -19,6 +20,13 @@ How each framework compiles (no model code changes anywhere):
 - ``torchtune``: ``llama3`` from its component builders, per-layer ``training.compile_model`` and
   ``compile_loss(CEWithChunkedOutputLoss)`` (``TORCH_COMPILE_BACKEND`` selects the backend, as in its recipes);
   the output projection runs eagerly, in torchtune's own chunks.
+- ``styles``: ``TinyLM``, two pre-norm layers whose feed-forward is spelled one of the ``STYLES`` ways
+  (einsum, ``x @ W``, ``nn.Sequential``, the GLU family), the whole model + loss compiled.
+
+The other layouts: ``litgpt --layout model`` compiles the model alone and computes the loss outside (litgpt's
+scripts); ``torchtitan --layout head-with-loss`` stops the model before ``lm_head`` (``_skip_lm_head``) and
+compiles ``lm_head`` + its loss as one function; ``torchtune --layout whole-model`` builds the model with no
+output chunks and compiles it with one cross-entropy.
 
 CPU peaks are the RSS high-water mark of the last step above its start; the script runs itself again with
 ``MALLOC_MMAP_THRESHOLD_=65536`` when it is not set (see ``examples/train_long_context.py``).
@@ -39,7 +47,10 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-FRAMEWORKS = ("litgpt", "vit", "torchtitan", "torchtune")
+FRAMEWORKS = ("litgpt", "vit", "torchtitan", "torchtune", "styles")
+#: how a framework's step can be compiled: the first is what the framework does by default
+LAYOUTS = {"litgpt": ("step", "model"), "torchtitan": ("per-block", "head-with-loss"),
+           "torchtune": ("chunked-output", "whole-model")}  # fmt: skip
 
 
 # ---- litgpt ------------------------------------------------------------------------------------------------
@@ -117,6 +128,103 @@ def vit_model(seed: int = 0, **kw):
     except Exception:  # noqa: BLE001 - timm needs a torchvision that loads beside this torch
         return TimmStyleViT(**args), "timm-style"
     return VisionTransformer(**args), "timm"
+
+
+# ---- feed-forward styles -----------------------------------------------------------------------------------
+
+
+class EinsumMLP(nn.Module):
+    """Weights kept ``[in, out]``, projections by einsum (flax / mesh-tensorflow style)."""
+
+    def __init__(self, h=16, i=48):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(h, i) * 0.1), nn.Parameter(torch.randn(i, h) * 0.1)
+
+    def forward(self, x):
+        return torch.einsum("btf,fd->btd", F.gelu(torch.einsum("btd,df->btf", x, self.w1)), self.w2)
+
+
+class EinsumSwiGLU(nn.Module):
+    """Weights ``[out, in]`` as ``nn.Linear`` keeps them, einsum over an ellipsis, the weight first once."""
+
+    def __init__(self, h=16, i=48):
+        super().__init__()
+        self.w1, self.w3 = nn.Parameter(torch.randn(i, h) * 0.1), nn.Parameter(torch.randn(i, h) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(h, i) * 0.1)
+
+    def forward(self, x):
+        g = torch.einsum("...d,fd->...f", x, self.w1)
+        u = torch.einsum("fd,...d->...f", self.w3, x)
+        return torch.einsum("...f,df->...d", F.silu(g) * u, self.w2)
+
+
+class MatmulMLP(nn.Module):
+    """``x @ W`` projections with a squared-ReLU (Primer / nanoGPT speedrun style)."""
+
+    def __init__(self, h=16, i=48):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(h, i) * 0.1), nn.Parameter(torch.randn(i, h) * 0.1)
+
+    def forward(self, x):
+        return torch.matmul(F.relu(x @ self.w1).square(), self.w2)
+
+
+class SequentialGLU(nn.Module):
+    def __init__(self, h=16, i=48):
+        super().__init__()
+        self.ff = nn.Sequential(nn.Linear(h, 2 * i), nn.GLU(), nn.Dropout(0.0), nn.Linear(i, h))
+
+    def forward(self, x):
+        return self.ff(x)
+
+
+class FunctionalGLU(nn.Module):
+    def __init__(self, h=16, i=48):
+        super().__init__()
+        self.proj, self.out = nn.Linear(h, 2 * i), nn.Linear(i, h)
+
+    def forward(self, x):
+        return self.out(F.glu(self.proj(x), dim=-1))
+
+
+class GLUVariant(nn.Module):
+    """The GLU family of Shazeer 2020 on a fused projection split in two: ReGLU, bilinear, SwiGLU, GEGLU."""
+
+    ACTS = {"reglu": F.relu, "bilinear": lambda t: t, "swiglu": F.silu, "geglu": F.gelu}
+
+    def __init__(self, act, h=16, i=48):
+        super().__init__()
+        self.wi, self.wo, self.act = nn.Linear(h, 2 * i, bias=False), nn.Linear(i, h, bias=False), self.ACTS[act]
+
+    def forward(self, x):
+        a, b = self.wi(x).split(self.wo.in_features, dim=-1)
+        return self.wo(self.act(a) * b)
+
+
+#: feed-forward spellings, each ``(h, i) -> module``
+STYLES = {
+    "einsum": EinsumMLP, "einsum-swiglu": EinsumSwiGLU, "matmul-relu2": MatmulMLP, "sequential-glu": SequentialGLU,
+    "f.glu": FunctionalGLU,
+    "sequential-gelu": lambda h, i: nn.Sequential(nn.Linear(h, i), nn.GELU(), nn.Dropout(0.0), nn.Linear(i, h)),
+    "sequential-mish": lambda h, i: nn.Sequential(nn.Linear(h, i), nn.Mish(), nn.Linear(i, h)),
+    **{k: (lambda h, i, k=k: GLUVariant(k, h, i)) for k in GLUVariant.ACTS},
+}  # fmt: skip
+
+
+class TinyLM(nn.Module):
+    """Embedding, two pre-norm residual feed-forward layers of one style, untied head, next-token cross-entropy."""
+
+    def __init__(self, style: str, h=16, i=64, v=64):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(v, h), nn.Linear(h, v, bias=False)
+        self.norms = nn.ModuleList([nn.LayerNorm(h) for _ in range(2)])
+        self.ffs = nn.ModuleList([STYLES[style](h, i) for _ in range(2)])
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for norm, ff in zip(self.norms, self.ffs):
+            x = x + ff(norm(x))
+        return F.cross_entropy(self.head(x[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
 
 
 # ---- torchtitan --------------------------------------------------------------------------------------------
@@ -200,36 +308,67 @@ def tune_compile(model, backend: str, chunks: int = 8):
 
 
 def arm(framework: str, backend: str, tokens: int, litgpt_loss_chunk: int = 0, options: dict | None = None,
-        litgpt_config: str = "Llama-3.2-1B"):  # fmt: skip
-    """``(step, what)``: ``step()`` runs forward + backward of one batch of ``tokens`` tokens and returns the loss."""
+        litgpt_config: str = "Llama-3.2-1B", layout: str | None = None, style: str = "einsum-swiglu",
+        capture_where: bool = True):  # fmt: skip
+    """``(step, what)``: ``step()`` runs forward + backward of one batch of ``tokens`` tokens and returns the loss.
+    ``layout`` is one of ``LAYOUTS[framework]`` (its first by default)."""
     g = torch.Generator().manual_seed(0)
     opts = {"options": options} if (backend == "mst" and options) else {}
+    layouts = LAYOUTS.get(framework, (None,))
+    layout = layout or layouts[0]
+    if layout not in layouts:
+        raise ValueError(f"{framework} has the layouts {layouts}, not {layout!r}")
+    compile_ = (lambda f: torch.compile(f, backend=backend, **opts)) if backend != "eager" else (lambda f: f)
     if framework == "litgpt":
         moe = {"n_expert": 8, "n_expert_per_token": 2} if "Mixtral" in litgpt_config else {}
-        if moe:  # LLaMAMoE dispatches with torch.where: one graph per step only when Dynamo captures it (both arms)
-            torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        if moe and capture_where:  # LLaMAMoE dispatches with torch.where: one graph per step only when Dynamo
+            torch._dynamo.config.capture_dynamic_output_shape_ops = True  # captures it (both arms)
         model = litgpt_model(litgpt_config, n_embd=128, intermediate=1024, vocab=8192, block=tokens + 1, **moe)
         ids = torch.randint(0, 8192, (1, tokens + 1), generator=g)
-        fn = lambda: litgpt_loss(model, ids, litgpt_loss_chunk)  # noqa: E731
-        fn = torch.compile(fn, backend=backend, **opts) if backend != "eager" else fn
-        return fn, "litgpt %s style, loss chunk_size=%d" % (litgpt_config, litgpt_loss_chunk)
+        what = "litgpt %s style, loss chunk_size=%d, %s compiled" % (litgpt_config, litgpt_loss_chunk, layout)
+        if moe and not capture_where:
+            what += ", torch.where not captured"
+        if layout == "model":  # its pretrain/finetune scripts: the model compiled, the loss outside
+            cm = compile_(model)
+            return (lambda: litgpt_loss(cm, ids, litgpt_loss_chunk)), what
+        return compile_(lambda: litgpt_loss(model, ids, litgpt_loss_chunk)), what
+    if framework == "styles":
+        torch.manual_seed(0)
+        model = TinyLM(style, h=128, i=1024, v=8192)
+        ids = torch.randint(0, 8192, (1, tokens + 1), generator=g)
+        cm = compile_(model)
+        return (lambda: cm(ids)), f"{style} feed-forwards"
     if framework == "vit":
         # 224-pixel images in 16-pixel patches: 197 tokens an image (the MLP runs over batch x patches)
         model, kind = vit_model(img_size=224, patch_size=16, embed_dim=128, depth=2, num_heads=2, mlp_ratio=8.0)
         imgs = torch.randn(max(1, tokens // 197), 3, 224, 224, generator=g)
         labels = torch.randint(0, 10, (imgs.shape[0],), generator=g)
-        cm = torch.compile(model, backend=backend, **opts) if backend != "eager" else model
+        cm = compile_(model)
         return (lambda: F.cross_entropy(cm(imgs), labels)), kind
     if framework == "torchtitan":
         model = titan_model(dim=128, hidden=2048, vocab=512, max_seq_len=tokens + 1)
         ids = torch.randint(0, 512, (1, tokens + 1), generator=g)
         loss_fn = titan_compile(model, backend)
-        return _with_options(lambda: titan_step(model, loss_fn, ids), backend, options), "torchtitan llama3"
+        if layout == "head-with-loss":  # the model stops before lm_head; lm_head + the loss compiled as one
+            from torchtitan.components.loss import cross_entropy_loss
+
+            model._skip_lm_head = True
+            n = torch.tensor(ids[:, 1:].numel())
+            head_loss = compile_(lambda h, y: cross_entropy_loss(model.lm_head(h), y) / n)
+            step = lambda: head_loss(model(ids[:, :-1]), ids[:, 1:])  # noqa: E731
+        else:
+            step = lambda: titan_step(model, loss_fn, ids)  # noqa: E731
+        return _with_options(step, backend, options), f"torchtitan llama3, {layout}"
     if framework == "torchtune":
-        model = tune_model(dim=128, hidden=2048, vocab=512, max_seq_len=tokens)
+        chunks = 8 if layout == "chunked-output" else 0
+        model = tune_model(dim=128, hidden=2048, vocab=512, max_seq_len=tokens, chunks=chunks)
         ids = torch.randint(0, 512, (1, tokens), generator=g)
-        loss_fn = tune_compile(model, backend)
-        return _with_options(lambda: loss_fn(model(ids), ids), backend, options), "torchtune llama3"
+        if chunks:
+            loss_fn = tune_compile(model, backend, chunks)
+            step = lambda: loss_fn(model(ids), ids)  # noqa: E731
+        else:  # the whole model and one plain cross-entropy compiled as one function
+            step = compile_(lambda: F.cross_entropy(model(ids).float().flatten(0, 1), ids.flatten()))
+        return _with_options(step, backend, options), f"torchtune llama3, {layout}"
     raise ValueError(f"unknown framework {framework!r}; one of {FRAMEWORKS}")
 
 
@@ -279,9 +418,15 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3, help="steps run; the last one is measured")
     p.add_argument("--litgpt-loss-chunk", type=int, default=0)
     p.add_argument("--litgpt-config", default="Llama-3.2-1B", help="a litgpt config name (its style, tiny size)")
+    p.add_argument("--no-capture-where", action="store_true",
+                   help="litgpt MoE: leave capture_dynamic_output_shape_ops off (Dynamo breaks at torch.where)")
+    p.add_argument("--layout", default=None, help="what is compiled: " + "; ".join(
+        f"{k}: {' | '.join(v)}" for k, v in LAYOUTS.items()))  # fmt: skip
+    p.add_argument("--style", default="einsum-swiglu", choices=sorted(STYLES), help="styles: the feed-forward")
     p.add_argument("--options", default=None, help="mst options as JSON")
     a = p.parse_args(argv)
-    kw = {"litgpt_loss_chunk": a.litgpt_loss_chunk, "litgpt_config": a.litgpt_config,
+    kw = {"litgpt_loss_chunk": a.litgpt_loss_chunk, "litgpt_config": a.litgpt_config, "layout": a.layout,
+          "style": a.style, "capture_where": not a.no_capture_where,
           "options": json.loads(a.options) if a.options else None}  # fmt: skip
     sys.stdout.write(json.dumps(measure(a.framework, a.backend, a.tokens, a.steps, **kw)) + "\n")
 

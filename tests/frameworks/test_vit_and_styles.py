@@ -4,11 +4,9 @@ when timm imports, and the same layout written out), and feed-forwards spelled a
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.frameworks.helpers import FAST, assert_same_training_step, compare_memory, describe, examples, param_grads, rewritten
-from tests.passes.dynamo.test_projection_styles import EinsumMLP, EinsumSwiGLU, FunctionalGLU, MatmulMLP, SequentialGLU
 
 
 def _vit_step_matches_eager(model):
@@ -39,49 +37,10 @@ def test_timm_style_vision_transformer():
     _vit_step_matches_eager(examples().TimmStyleViT())
 
 
-class GLUVariant(nn.Module):
-    """The GLU family of Shazeer 2020 on a fused projection split in two: ReGLU, bilinear, SwiGLU, GEGLU."""
-
-    ACTS = {"reglu": F.relu, "bilinear": lambda t: t, "swiglu": F.silu, "geglu": F.gelu}
-
-    def __init__(self, act, h=16, i=48):
-        super().__init__()
-        self.wi, self.wo, self.act = nn.Linear(h, 2 * i, bias=False), nn.Linear(i, h, bias=False), self.ACTS[act]
-
-    def forward(self, x):
-        a, b = self.wi(x).split(self.wo.in_features, dim=-1)
-        return self.wo(self.act(a) * b)
-
-
-class TinyLM(nn.Module):
-    """Embedding, two pre-norm residual feed-forward layers of the given kind, tied-free head, cross-entropy."""
-
-    def __init__(self, make_ff, h=16, v=64):
-        super().__init__()
-        self.emb, self.head = nn.Embedding(v, h), nn.Linear(h, v, bias=False)
-        self.norms = nn.ModuleList([nn.LayerNorm(h) for _ in range(2)])
-        self.ffs = nn.ModuleList([make_ff() for _ in range(2)])
-
-    def forward(self, ids):
-        x = self.emb(ids)
-        for norm, ff in zip(self.norms, self.ffs):
-            x = x + ff(norm(x))
-        return F.cross_entropy(self.head(x[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-
-
-STYLES = {
-    "einsum": EinsumMLP, "einsum-swiglu": EinsumSwiGLU, "matmul-relu2": MatmulMLP, "sequential-glu": SequentialGLU,
-    "f.glu": FunctionalGLU,
-    "sequential-gelu": lambda: nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Dropout(0.0), nn.Linear(64, 16)),
-    "sequential-mish": lambda: nn.Sequential(nn.Linear(16, 64), nn.Mish(), nn.Linear(64, 16)),
-    **{k: (lambda k=k: GLUVariant(k)) for k in GLUVariant.ACTS},
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("style", sorted(STYLES))
+@pytest.mark.parametrize("style", sorted(examples().STYLES))
 def test_feed_forward_style_is_chunked(style):
     torch.manual_seed(0)
-    model = TinyLM(STYLES[style])
+    model = examples().TinyLM(style)
     ids = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1))
     ref_loss = model(ids)
     ref_loss.backward()

@@ -1,4 +1,5 @@
-"""MLPs spelled the ways model code outside transformers spells them, on traced graphs: einsum and ``@``
+"""MLPs spelled the ways model code outside transformers spells them (the modules of
+``examples/frameworks.py``), on traced graphs: einsum and ``@``
 projections (normalized to ``linear``), ``F.glu`` / ``nn.GLU``, and a parallel block whose attention and MLP
 read one norm (NOTE [shared input] in ``passes/dynamo/mlp.py``)."""
 
@@ -8,62 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.conftest import assert_matches_eager, calls, regions, rewrite
+from tests.frameworks.helpers import examples
 
-H, I = 16, 48
-
-
-class EinsumMLP(nn.Module):
-    """Weights kept ``[in, out]``, projections by einsum (flax / mesh-tensorflow style)."""
-
-    def __init__(self):
-        super().__init__()
-        self.w1, self.w2 = nn.Parameter(torch.randn(H, I) * 0.1), nn.Parameter(torch.randn(I, H) * 0.1)
-
-    def forward(self, x):
-        return torch.einsum("btf,fd->btd", F.gelu(torch.einsum("btd,df->btf", x, self.w1)), self.w2)
-
-
-class EinsumSwiGLU(nn.Module):
-    """Weights ``[out, in]`` as ``nn.Linear`` keeps them, einsum over an ellipsis, the weight first once."""
-
-    def __init__(self):
-        super().__init__()
-        self.w1, self.w3 = nn.Parameter(torch.randn(I, H) * 0.1), nn.Parameter(torch.randn(I, H) * 0.1)
-        self.w2 = nn.Parameter(torch.randn(H, I) * 0.1)
-
-    def forward(self, x):
-        g = torch.einsum("...d,fd->...f", x, self.w1)
-        u = torch.einsum("fd,...d->...f", self.w3, x)
-        return torch.einsum("...f,df->...d", F.silu(g) * u, self.w2)
-
-
-class MatmulMLP(nn.Module):
-    """``x @ W`` projections with a squared-ReLU (Primer / nanoGPT speedrun style)."""
-
-    def __init__(self):
-        super().__init__()
-        self.w1, self.w2 = nn.Parameter(torch.randn(H, I) * 0.1), nn.Parameter(torch.randn(I, H) * 0.1)
-
-    def forward(self, x):
-        return torch.matmul(F.relu(x @ self.w1).square(), self.w2)
-
-
-class SequentialGLU(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.ff = nn.Sequential(nn.Linear(H, 2 * I), nn.GLU(), nn.Dropout(0.0), nn.Linear(I, H))
-
-    def forward(self, x):
-        return self.ff(x)
-
-
-class FunctionalGLU(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj, self.out = nn.Linear(H, 2 * I), nn.Linear(I, H)
-
-    def forward(self, x):
-        return self.out(F.glu(self.proj(x), dim=-1))
+H = 16
+EX = examples()
+EinsumMLP, EinsumSwiGLU, MatmulMLP, SequentialGLU, FunctionalGLU = (
+    EX.EinsumMLP, EX.EinsumSwiGLU, EX.MatmulMLP, EX.SequentialGLU, EX.FunctionalGLU)  # fmt: skip
 
 
 class ParallelBlock(nn.Module):
@@ -106,7 +57,7 @@ def test_glu_on_the_feature_dimension_is_row_wise(module):
 def test_glu_over_another_dimension_is_not_row_wise():
     class TokenGLU(FunctionalGLU):
         def forward(self, x):
-            return self.out(F.glu(self.proj(x), dim=1).repeat(1, 2, 1)[:, : x.shape[1]][..., :I])
+            return self.out(F.glu(self.proj(x), dim=1).repeat(1, 2, 1)[:, : x.shape[1]][..., : self.out.in_features])
 
     _, ctx, _ = rewrite(TokenGLU(), torch.randn(2, 8, H))
     assert not regions(ctx, "mlp", "rewritten")
