@@ -12,6 +12,9 @@ place, so the trainer still holds the model itself: TRL's fused LM head (``add_f
 ``model.forward``) and Trainer's column filter (which reads ``forward``'s signature) see the real model, and every
 call still goes through Dynamo. ``torch.compile(model, ...)`` returns a wrapper instead, whose forward TRL replaces
 with a function that calls the wrapped (uncompiled) model: nothing would be compiled (``--compile wrap`` shows it).
+SFTTrainer checkpoints every layer by default; since transformers 5.25 Dynamo (with any backend) runs those layers
+eagerly unless ``mst_compile.recipes.trace_checkpointed_layers(model)`` was called once (the script does, for
+both arms).
 
 Prints one loss per step, mst's counters, Dynamo's frame counts and the peak MiB of the last step above its start
 (``mst_compile.bench.measure.PeakMeter``; on the CPU the script runs itself again with ``MALLOC_MMAP_THRESHOLD_``
@@ -156,6 +159,8 @@ def run(a) -> dict:
         data = [{"input_ids": torch.tensor(r), "labels": torch.tensor(r), "row": i} for i, r in enumerate(rows)]
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data,
                           callbacks=[peaks.callback])  # fmt: skip
+    if trainer.args.gradient_checkpointing:  # TRL's default; on transformers >= 5.25 the layers need the recipe
+        mst_compile.recipes.trace_checkpointed_layers(model)  # with any backend (NOTE [checkpointed layer tracing])
     batch_keys = sorted(next(iter(trainer.get_train_dataloader())))
     trainer.train()
     return {

@@ -17,7 +17,7 @@ _LAZY = {
     "mst_backend": "backend", "MSTConfig": "config", "config_context": "config", "get_config": "config",
     "set_config": "config", "Explanation": "explainer", "explain": "explainer", "Region": "report", "Report": "report",
     "counters": "report", "last_report": "report", "reports": "report", "reset_counters": "report",
-    "compile_per_layer": "recipes", "trace_checkpointed_moe": "recipes",
+    "compile_per_layer": "recipes", "trace_checkpointed_layers": "recipes", "trace_checkpointed_moe": "recipes",
 }  # fmt: skip
 _SUBMODULES = ("backend", "bench", "config", "explainer", "inductor_pass", "logits", "ops", "passes", "recipes", "report")
 

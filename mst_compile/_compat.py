@@ -35,6 +35,15 @@ def functorch_config():
     return cfg
 
 
+def checkpoint_side_effect_breaks() -> int:
+    """How many times Dynamo gave up on a checkpoint body for a forward side effect (its graph-break counters;
+    NOTE [checkpointed layer tracing])."""
+    from torch._dynamo.utils import counters
+
+    hint = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    return sum(n for reason, n in counters["graph_break"].items() if hint in reason)
+
+
 def saved_tensor_hooks_deferred():
     """The caller's ``saved_tensors_hooks`` held back while mst traces (``torch._dynamo.utils``' context, which
     AOTAutograd enters for its own tracing): a pack hook then never sees a FakeTensor from a compile-time check,

@@ -19,6 +19,7 @@ from .passes import PassContext, copy_graph_module, run_passes
 from .passes.aten.embedding_grad import EmbeddingGradPass
 from .passes.aten.recompute import RecomputePass
 from .passes.aten.remat import RematPass
+from .recipes import warn_on_eager_checkpoints
 from .report import Report, add_report
 
 log = logging.getLogger("mst_compile")
@@ -109,6 +110,7 @@ def _config(options, example_inputs) -> MSTConfig:
 def mst_backend(gm: fx.GraphModule, example_inputs, options: dict | MSTConfig | None = None, mode: str | None = None):
     """Dynamo backend: chunk the MLP and head regions of ``gm`` (see ``mst_compile.passes``), compile with Inductor."""
     cfg = _config(options, example_inputs)
+    warn_on_eager_checkpoints()  # NOTE [checkpointed layer tracing]
     if not cfg.enabled:
         return _inductor(gm, example_inputs, cfg, mode)
     report = Report(graph=f"{len(gm.graph.nodes)} nodes")

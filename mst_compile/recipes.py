@@ -61,33 +61,63 @@ def compile_per_layer(model: nn.Module, *, backend="mst", options: dict | None =
     return model
 
 
-def trace_checkpointed_moe(model: nn.Module) -> nn.Module:
-    """Let Dynamo trace an HF mixture-of-experts model trained with gradient checkpointing as one graph, so that
-    mst chunks its MoE blocks inside the checkpointed layers (NOTE [checkpointed MoE tracing]). Call it once,
-    before the first compiled step::
+def trace_checkpointed_layers(model: nn.Module) -> nn.Module:
+    """Let Dynamo trace the checkpointed layers of an HF model trained with gradient checkpointing (or the user's
+    own ``torch.utils.checkpoint`` around HF layers), so that mst chunks the MLPs and MoE blocks inside them
+    (NOTE [checkpointed layer tracing]). Call it once, before the first compiled step::
 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        mst_compile.recipes.trace_checkpointed_moe(model)
+        mst_compile.recipes.trace_checkpointed_layers(model)
         step = torch.compile(model, backend="mst")
 
-    NOTE [checkpointed MoE tracing]: HF records the router logits (for the load-balancing loss) with forward hooks
-    that its models install lazily, at their first call, under a ``threading.Lock``; Dynamo cannot enter a lock
-    and breaks the graph at every layer, so no MoE block is ever in a graph (with any backend). With the hooks
-    installed ahead of time, the recorder's ``append`` inside a checkpointed layer is a side effect Dynamo refuses
-    in a checkpoint body unless told not to replay it in the recompute
-    (``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint``): the recompute needs the tensors,
-    not a second copy of the recorded logits. That setting is global to Dynamo: other forward side effects under
-    a checkpoint are not replayed in the backward either, as the flag's own documentation says.
+    NOTE [checkpointed layer tracing]: two forward side effects inside HF layers make Dynamo give up on every
+    checkpointed layer, with any backend (the layer runs eagerly, its MLP whole):
+    - HF records outputs (the router logits of the load-balancing loss) with forward hooks its models install
+      lazily, at their first call, under a ``threading.Lock``; Dynamo cannot enter a lock. Installed ahead of
+      time (for models with ``output_router_logits``), the recorder's ``append`` is a side effect in the
+      checkpoint body;
+    - since transformers 5.25, attention modules carry ``kernels``' ``use_kernelized_func`` wrapper, which sets
+      a module-global routing table before the forward and resets it after: a mutation of a global object.
+    Dynamo refuses side effects in a checkpoint body unless told not to replay them in the recompute
+    (``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint``). Neither needs replaying: the
+    recompute needs the tensors, not a second copy of the recorded logits, and the routing table is back to its
+    old value when the forward returns. That setting is global to Dynamo: other forward side effects under a
+    checkpoint are not replayed in the backward either, as the flag's own documentation says. The backend warns
+    when Dynamo ran checkpointed code eagerly for this reason (``warn_on_eager_checkpoints``).
     Returns ``model``."""
-    from transformers import PreTrainedModel
-    from transformers.utils.output_capturing import maybe_install_capturing_hooks
-
     installed = 0
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            maybe_install_capturing_hooks(module)
-            installed += 1
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # not an HF model, or a transformers without output recorders
+        pass
+    else:
+        for module in model.modules():  # only where the loss reads a recorded value: installed, the recorders
+            # also run when a layer is called outside the model's forward, where they break the graph
+            if isinstance(module, PreTrainedModel) and getattr(module.config, "output_router_logits", False):
+                maybe_install_capturing_hooks(module)
+                installed += 1
     _compat.dynamo_config().skip_fwd_side_effects_in_bwd_under_checkpoint = True
     log.info("installed the output recorders of %d modules of %s; forward side effects under checkpoint are not "
              "replayed in the backward", installed, type(model).__name__)  # fmt: skip
     return model
+
+
+#: the earlier name, from when the router-logit recorders were the one side effect (NOTE [checkpointed layer
+#: tracing])
+trace_checkpointed_moe = trace_checkpointed_layers
+
+_WARNED: set[str] = set()
+
+
+def warn_on_eager_checkpoints() -> None:
+    """Warn once when Dynamo ran checkpointed code eagerly because of a forward side effect (NOTE [checkpointed
+    layer tracing]): those layers never reach the backend, so nothing in them is chunked."""
+    if "eager checkpoints" in _WARNED or _compat.dynamo_config().skip_fwd_side_effects_in_bwd_under_checkpoint:
+        return
+    if seen := _compat.checkpoint_side_effect_breaks():
+        _WARNED.add("eager checkpoints")
+        log.warning("mst: Dynamo ran %d checkpointed call(s) eagerly (a forward side effect under activation "
+                    "checkpointing, e.g. transformers' kernel routing or output recorders), so their MLPs are not "
+                    "chunked; call mst_compile.recipes.trace_checkpointed_layers(model) before the first compiled "
+                    "step", seen)  # fmt: skip

@@ -14,6 +14,14 @@ def _fresh():
     yield
 
 
+@pytest.fixture
+def trace_checkpoints():
+    """``trace_checkpoints(model)``: the recipe for checkpointed HF layers (NOTE [checkpointed layer tracing]),
+    its process-wide Dynamo setting put back after the test."""
+    with mst_compile._compat.dynamo_config().patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):
+        yield mst_compile.recipes.trace_checkpointed_layers
+
+
 def dynamo_graph(fn, *args, **kwargs):
     """The FX graph (and example inputs) Dynamo hands a backend for ``fn(*args, **kwargs)``."""
     captured = []

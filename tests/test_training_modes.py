@@ -78,8 +78,9 @@ def test_loss_written_outside_the_model_on_hidden_states():
 
 
 @pytest.mark.parametrize("how", ["hf", "user"])
-def test_activation_checkpointing(how):
+def test_activation_checkpointing(how, trace_checkpoints):
     model = zoo.build("llama")
+    trace_checkpoints(model)  # NOTE [checkpointed layer tracing]
     ids, mask, labels = _batch()
     if how == "hf":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -101,6 +102,28 @@ def test_activation_checkpointing(how):
         return (torch.compile(fn, backend="mst", options=AOT) if m is not inner else fn)(ids, labels)
 
     _compare(model, step)
+
+
+def test_checkpointed_layers_run_eagerly_without_the_recipe_and_mst_says_so(monkeypatch, caplog):
+    """NOTE [checkpointed layer tracing]: where a forward side effect in HF's layers (transformers >= 5.25) makes
+    Dynamo run each checkpointed layer eagerly, no MLP reaches the backend; mst warns once, naming the recipe."""
+    from torch._dynamo.utils import counters
+
+    from mst_compile import recipes
+
+    model = zoo.build("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, mask, labels = _batch()
+    counters.clear()
+    monkeypatch.setattr(recipes, "_WARNED", set())
+    with mst_compile._compat.dynamo_config().patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):
+        with caplog.at_level("WARNING", logger="mst_compile"):
+            torch.compile(model, backend="mst", options=AOT)(input_ids=ids, labels=labels).loss.backward()
+    if not mst_compile._compat.checkpoint_side_effect_breaks():
+        pytest.skip("this transformers' layers have no forward side effect under checkpointing")
+    assert mst_compile.counters["mlp_rewritten"] == 0
+    warned = [r.getMessage() for r in caplog.records if "trace_checkpointed_layers" in r.getMessage()]
+    assert len(warned) == 1, warned
 
 
 @pytest.mark.slow

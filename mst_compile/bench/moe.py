@@ -47,14 +47,14 @@ def main(argv=None) -> None:
     p.add_argument("--options", default="", help="mst options as JSON")
     p.add_argument("--dtype", default="float32", help="parameter dtype (float32, bfloat16)")
     p.add_argument("--checkpointing", action="store_true",
-                   help="HF gradient checkpointing (non-reentrant) with recipes.trace_checkpointed_moe, both arms")
+                   help="HF gradient checkpointing (non-reentrant) with recipes.trace_checkpointed_layers, both arms")
     a = p.parse_args(argv)
     model = build(a.arch, a.impl).to(getattr(torch, a.dtype))
     if a.checkpointing:
-        from ..recipes import trace_checkpointed_moe
+        from ..recipes import trace_checkpointed_layers
 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        trace_checkpointed_moe(model)  # NOTE [checkpointed MoE tracing]: one graph for either arm
+        trace_checkpointed_layers(model)  # NOTE [checkpointed layer tracing]: one graph for either arm
     ids = torch.randint(0, SIZES["vocab_size"], (1, a.tokens), generator=torch.Generator().manual_seed(0))
 
     def loss_fn(ids):

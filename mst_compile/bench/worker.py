@@ -14,6 +14,7 @@ import torch
 from .. import _compat
 from .cli import parser
 from .measure import PeakMeter
+from ..recipes import trace_checkpointed_layers
 from .models import build_llama, token_batch
 
 ARMS = ("eager", "compile", "auto_chunker", "hf_ckpt", "compile_ckpt", "mst", "mst_ckpt")
@@ -30,6 +31,8 @@ def prepare(arm: str, form: str, model, options: dict | None = None):
     """The callable ``ids -> loss (and the output object kept alive)`` for one arm and form."""
     if arm in ("hf_ckpt", "compile_ckpt", "mst_ckpt") and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if arm != "hf_ckpt":  # both compiled arms: NOTE [checkpointed layer tracing]
+            trace_checkpointed_layers(model)
     if arm.startswith("auto_chunker"):
         _compat.inductor_config().auto_chunker.enable = True
     if arm.startswith("auto_chunker_"):  # tuned: a lower amplification threshold, 16 (or 8, 32) chunks

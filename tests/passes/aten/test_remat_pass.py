@@ -188,7 +188,7 @@ def test_checkpointed_region_output_read_outside_is_saved(fix, monkeypatch):
 
 
 @pytest.mark.slow
-def test_end_to_end_with_hf_checkpointing_matches_eager():
+def test_end_to_end_with_hf_checkpointing_matches_eager(trace_checkpoints):
     """A tiny Llama with HF gradient checkpointing under the backend and Inductor: the last layer's output is
     saved, values are recomputed again in backward, and the gradients are eager's."""
     from mst_compile.bench.models import build_llama, token_batch
@@ -197,6 +197,7 @@ def test_end_to_end_with_hf_checkpointing_matches_eager():
 
     model = build_llama("llama-tiny").float()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trace_checkpoints(model)  # NOTE [checkpointed layer tracing]
     ids = token_batch(256, model.config.vocab_size)
     model(input_ids=ids, labels=ids).loss.backward()
     ref = grads(model)

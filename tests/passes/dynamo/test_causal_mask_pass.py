@@ -54,10 +54,11 @@ def test_hf_llama_mask_becomes_is_causal(dynamic):
         torch.testing.assert_close(gm(*ex)[0], model(input_ids=ids, labels=ids).loss)
 
 
-def test_hf_llama_checkpointed_layers():
+def test_hf_llama_checkpointed_layers(trace_checkpoints):
     """The mask is an operand of each checkpointed layer: rewritten inside the bodies, the operand dropped."""
     model = build_llama("llama-tiny", hidden_size=32, intermediate_size=96, vocab_size=320)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trace_checkpoints(model)  # NOTE [checkpointed layer tracing]
     model.train()
     ids = torch.randint(0, 320, (1, S))
     gm, ctx, ex = rewrite(lambda i: model(input_ids=i, labels=i).loss, ids)
