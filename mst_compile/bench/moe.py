@@ -41,7 +41,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser("python -m mst_compile.bench.moe", description=__doc__)
     p.add_argument("--arm", choices=("compile", "mst"), required=True, help="compile: backend='inductor'")
     p.add_argument("--arch", choices=sorted(EXPERTS), default="mixtral")
-    p.add_argument("--impl", choices=("grouped_mm", "batched_mm"), default="grouped_mm", help="experts implementation")
+    p.add_argument("--impl", choices=("grouped_mm", "batched_mm", "eager"), default="grouped_mm",
+                   help="experts implementation (eager: HF's loop over the experts hit)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch 1)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps (the first one compiles)")
     p.add_argument("--options", default="", help="mst options as JSON")
