@@ -19,7 +19,7 @@ _reports: list["Report"] = []
 
 @dataclass
 class Region:
-    kind: str  # "mlp" | "head" | "mask"
+    kind: str  # "mlp" | "head" | "mask" | "moe" | "rows"
     anchor: str  # the FX node that names the region (the expanding linear / the cross_entropy)
     status: str  # "rewritten" | "skipped"
     reason: str = ""

@@ -21,7 +21,7 @@ import sys
 from torch import fx
 
 from . import dynamo, shared
-from .dynamo import causal_mask, head_ce, mlp, moe, normalize, split_loss
+from .dynamo import causal_mask, head_ce, mlp, moe, normalize, row_writes, split_loss
 from .dynamo.context import CantChunk, PassContext
 
 log = logging.getLogger("mst_compile.passes")
@@ -30,6 +30,7 @@ log = logging.getLogger("mst_compile.passes")
 #: before the MLP: its projection widens too and must not be taken for an MLP.
 PASSES = (
     ("normalize", normalize.rewrite, True),
+    ("row_writes", row_writes.rewrite, True),  # NOTE [unrolled row writes]: one op for an unrolled mask loop
     ("split_loss", split_loss.rewrite, False),  # one cross-entropy for the head pass to find: root graph only
     ("causal_mask", causal_mask.rewrite, False),  # finds masks in the root graph, follows them into layers
     ("head_ce", head_ce.rewrite, False),  # its outputs are the model's outputs: root graph only
