@@ -107,16 +107,17 @@ def trace_checkpointed_layers(model: nn.Module) -> nn.Module:
 #: tracing])
 trace_checkpointed_moe = trace_checkpointed_layers
 
-_WARNED: set[str] = set()
+_warned_eager_checkpoints = False
 
 
 def warn_on_eager_checkpoints() -> None:
     """Warn once when Dynamo ran checkpointed code eagerly because of a forward side effect (NOTE [checkpointed
     layer tracing]): those layers never reach the backend, so nothing in them is chunked."""
-    if "eager checkpoints" in _WARNED or _compat.dynamo_config().skip_fwd_side_effects_in_bwd_under_checkpoint:
+    global _warned_eager_checkpoints
+    if _warned_eager_checkpoints or _compat.dynamo_config().skip_fwd_side_effects_in_bwd_under_checkpoint:
         return
     if seen := _compat.checkpoint_side_effect_breaks():
-        _WARNED.add("eager checkpoints")
+        _warned_eager_checkpoints = True
         log.warning("mst: Dynamo ran %d checkpointed call(s) eagerly (a forward side effect under activation "
                     "checkpointing, e.g. transformers' kernel routing or output recorders), so their MLPs are not "
                     "chunked; call mst_compile.recipes.trace_checkpointed_layers(model) before the first compiled "

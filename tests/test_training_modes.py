@@ -115,7 +115,7 @@ def test_checkpointed_layers_run_eagerly_without_the_recipe_and_mst_says_so(monk
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids, mask, labels = _batch()
     counters.clear()
-    monkeypatch.setattr(recipes, "_WARNED", set())
+    monkeypatch.setattr(recipes, "_warned_eager_checkpoints", False)
     with mst_compile._compat.dynamo_config().patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):
         with caplog.at_level("WARNING", logger="mst_compile"):
             torch.compile(model, backend="mst", options=AOT)(input_ids=ids, labels=labels).loss.backward()

@@ -12,9 +12,9 @@ import time
 import torch
 
 from .. import _compat
+from ..recipes import trace_checkpointed_layers
 from .cli import parser
 from .measure import PeakMeter
-from ..recipes import trace_checkpointed_layers
 from .models import build_llama, token_batch
 
 ARMS = ("eager", "compile", "auto_chunker", "hf_ckpt", "compile_ckpt", "mst", "mst_ckpt")

@@ -100,12 +100,12 @@ def _match(full: fx.Node):
     if size is None:
         return None
     rows, cols = size
-    order = {n: i for i, n in enumerate(full.graph.nodes)}
     writes, readers = [], []
     for u in full.users:
         (writes if u.target is operator.setitem else readers).append(u)
     if len(writes) < MIN_WRITES:
         return None
+    order = {n: i for i, n in enumerate(full.graph.nodes)}  # only for a candidate: one walk of the graph
     writes.sort(key=order.__getitem__)
     lo, hi, values, seen = [0] * rows, [0] * rows, set(), set()
     for w in writes:

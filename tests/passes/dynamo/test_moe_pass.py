@@ -229,7 +229,8 @@ def test_bf16_model_calls_grouped_mm_itself_and_is_chunked(arch):
 def test_checkpointed_moe_is_one_graph_and_chunked_with_the_recipe(arch):
     """Under HF gradient checkpointing the router-logit recorders break the graph at every layer (NOTE
     [checkpointed layer tracing]); after ``trace_checkpointed_moe`` (the recipe's earlier name) the step is one
-    graph, each checkpointed layer's MoE block is chunked, and loss, load-balancing loss, logits and every gradient match eager's."""
+    graph, each checkpointed layer's MoE block is chunked, and loss, load-balancing loss, logits and every
+    gradient match eager's."""
     model = tiny(arch, "grouped_mm", output_router_logits=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch._dynamo.reset()
