@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--a", default="compile", choices=ARMS, help="arm A (the yardstick)")
     p.add_argument("--b", default="mst", choices=ARMS, help="arm B")
     p.add_argument("--b-options", default="", help="mst's options for arm B, as JSON")
-    p.add_argument("--model", default="llama-small", help="a benchmark model name or zoo:<arch>")
+    p.add_argument("--model", default="llama-small", help="a benchmark model name, zoo:<arch> or moe:<arch>[:<impl>] (bench/moe.py)")
     p.add_argument("--tokens", type=int, default=1024, help="tokens per step (batch 1)")
     p.add_argument("--form", choices=FORMS, default="step", help="step (the loss) or model (the logits too)")
     p.add_argument("--dtype", default="float32", help="parameter dtype")

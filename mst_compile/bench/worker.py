@@ -75,13 +75,17 @@ def prepare(arm: str, form: str, model, options: dict | None = None):
 def build_step(arm: str, form: str, model_name: str, tokens: int, options: str = "", device: str = "cpu",
                dtype: str = "float32"):  # fmt: skip
     """The model (seed 0, train mode) and ``step() -> loss``: one forward and backward of ``arm`` on ``tokens``
-    tokens, gradients cleared after. ``model_name``: a ``models.CONFIGS`` name or ``zoo:<arch>``;
+    tokens, gradients cleared after. ``model_name``: a ``models.CONFIGS`` name, ``zoo:<arch>`` or ``moe:<arch>[:<impl>]``;
     ``options``: mst's options as JSON."""
     torch.manual_seed(0)
     if model_name.startswith("zoo:"):  # zoo:<arch>: an architecture of the zoo at 8x its test size, V=32000
         from . import zoo
 
         model = zoo.build(model_name[4:], scale=8, vocab=32000).to(device, getattr(torch, dtype))
+    elif model_name.startswith("moe:"):  # moe:<arch>[:<experts implementation>]: the tiny MoE of bench/moe.py
+        from . import moe
+
+        model = moe.build(*model_name[4:].split(":")).to(device, getattr(torch, dtype))
     else:
         model = build_llama(model_name).to(device, getattr(torch, dtype))
     model.train()

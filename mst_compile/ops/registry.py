@@ -129,12 +129,22 @@ class Body:
         rows.copy_(out)
 
 
-def no_autocast() -> contextlib.ExitStack:
+# NOTE [one cast per call]: autocast keeps the low-precision copies of the weights it casts (leaves that require
+# grad) until its outermost context exits. A chunk body enters its region's autocast once per chunk; with no
+# autocast context around the loop (a region whose autocast Dynamo traced into the graph), every chunk's exit
+# cleared that cache and the next chunk cast every weight again: a read of each fp32 weight and a write of its
+# copy per chunk. The chunk loops therefore hold an autocast context, turned off, on their device for the whole
+# loop, so each weight is cast once per op call, as the whole region casts it once per step.
+
+
+def no_autocast(device_type: str | None = None) -> contextlib.ExitStack:
     """Turn off the caller's autocast (the ops run inside it, opaque to it): the chunk loops cast explicitly to
-    their region's compute dtype (NOTE [autocast]), and a region that ran without autocast must not get one."""
+    their region's compute dtype (NOTE [autocast]), and a region that ran without autocast must not get one.
+    ``device_type``: a chunk loop's device, where an autocast context is held even when none is on (NOTE [one
+    cast per call])."""
     stack = contextlib.ExitStack()
     for device in ("cpu", "cuda"):
-        if torch.is_autocast_enabled(device):
+        if torch.is_autocast_enabled(device) or device == device_type:
             stack.enter_context(torch.autocast(device, enabled=False))
     return stack
 

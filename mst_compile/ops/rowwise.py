@@ -26,7 +26,9 @@ def rowwise(x: torch.Tensor, params: list[torch.Tensor], spec: str) -> torch.Ten
     rs = parse(spec, RowwiseSpec)
     body = registry.get(rs.body)
     out = x.new_empty((x.shape[0], body.out_features), dtype=body.out_dtype or x.dtype)
-    with torch.no_grad(), registry.no_autocast():  # the body sets its region's autocast (NOTE [autocast])
+    # the body sets its region's autocast (NOTE [autocast]), its weights cast once for all chunks (NOTE [one cast
+    # per call])
+    with torch.no_grad(), registry.no_autocast(x.device.type):
         for s, e in rs.chunks.bounds(x.shape[0]):
             body.write(out[s:e], x[s:e], *params)
     return out
@@ -59,7 +61,8 @@ def rowwise_backward(
     owned = ent.owned() if ent else set()
     wanted = [p for i, (p, n) in enumerate(zip(leaves, needs[1:])) if n and i not in owned]
     ent_grads = bool(ent) and (needs[0] or any(needs[1 + i] for i in owned))
-    with _compat.autograd_inside_op(), registry.no_autocast():  # the exit GEMMs run in the body's dtype
+    exit_wc = None  # the exit weight in the body's compute dtype, cast once (NOTE [one cast per call])
+    with _compat.autograd_inside_op(), registry.no_autocast(x.device.type):  # the exit GEMMs: the body's dtype
         for s, e in bounds:
             xr = x[s:e].detach()
             if ent:
@@ -78,7 +81,9 @@ def rowwise_backward(
                     accs[body.exit_w].add_mm(g_out.t().to(cd), mid)
                 if body.exit_b >= 0 and needs[1 + body.exit_b]:
                     accs[body.exit_b].add(g_out.sum(0, dtype=accs[body.exit_b].acc_dtype))
-                g_out = g_out.to(cd) @ params[body.exit_w].detach().to(cd)
+                if exit_wc is None:
+                    exit_wc = params[body.exit_w].detach().to(cd)
+                g_out = g_out.to(cd) @ exit_wc
             if not inputs or not out.requires_grad:
                 if needs[0]:
                     gx[s:e] = 0

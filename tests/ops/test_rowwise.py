@@ -137,3 +137,37 @@ def test_a_body_that_does_not_compile_runs_op_by_op(monkeypatch, caplog):
     for a, b in zip(got, _rowwise_step(eager, 20, 2)):
         torch.testing.assert_close(a, b)  # the same op-by-op code
     assert "could not be compiled" in caplog.text
+
+
+def _weight_casts(fn, params) -> int:
+    """How many fp32 -> bf16 casts of a tensor shaped as one of ``params`` ``fn()`` makes (the profiler sees the
+    ops inside the chunked op; the test's other tensors have other shapes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shapes = [list(p.shape) for p in params]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    bf16 = 15  # the ScalarType code of torch.bfloat16 in the profiler's concrete inputs
+    return sum(1 for e in prof.events() if e.name == "aten::_to_copy" and list(e.input_shapes[0]) in shapes
+               and e.concrete_inputs[1] == bf16)  # fmt: skip
+
+
+@pytest.mark.parametrize("key", ["generic", "exit-projection"])
+def test_autocast_casts_each_weight_once_per_call_not_per_chunk(key):
+    # NOTE [one cast per call]: a region that ran under autocast with fp32 weights, its autocast traced into the
+    # graph (no autocast around the op at run time): each weight is cast once in the forward and once in the
+    # backward, whatever the chunk count
+    fn = swiglu if key == "generic" else (lambda x, wg, wu, wd: F.silu(F.linear(x, wg)) * F.linear(x, wu))
+    k = registry.register_fn("test", f"swiglu-amp-{key}", fn, 6, None, exit_w=-1 if key == "generic" else 2,
+                             autocast=("cpu", torch.bfloat16))  # fmt: skip
+    x = torch.randn(64, 6, requires_grad=True)
+    ps = [p.detach().float().requires_grad_() for p in _params()]
+    spec = rowwise_spec(k, 8)
+    out = []
+    assert _weight_casts(lambda: out.append(torch.ops.mst.rowwise(x, ps, spec)), ps) == 3
+    assert _weight_casts(lambda: out[0].float().sum().backward(), ps) == 3
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = fn(x, *ps)
+        if key != "generic":
+            ref = F.linear(ref, ps[2])
+    assert_close_rel(out[0].float(), ref.float(), rtol=1e-2)
