@@ -7,10 +7,14 @@ backward's recompute then runs the projections without autograd and only the mid
 chunk's projection gradients are GEMMs of the op's own, written where they belong:
 ``W_k``'s into its accumulator (``addmm_``: no weight-sized temporary, no add; NOTE [weight-gradient
 accumulation]), ``x``'s straight into the input gradient's rows (``mm(out=)`` then ``addmm_``: no copy, no add of
-the K partial gradients). It applies when the projections and their inputs share one dtype and the region ran
-without autocast (autocast would round ``x`` and ``W_k`` first: those stay with autograd, as before). The
-values are the ones autograd computes (the same GEMMs), up to the order in which the K partials of ``x``'s
-gradient are summed. Before and after, for a SwiGLU body::
+the K partial gradients). It applies when the projections and their inputs share one dtype, or when the region
+ran under autocast: the GEMMs then run in the autocast dtype, on ``x``'s chunk cast once for all K projections
+and on ``W_k``, ``b_k`` cast once per op call (NOTE [one cast per call]), as autocast runs ``linear``; each
+``W_k``'s gradient goes into its fp32 accumulator by the fp32-output GEMM where the device has one, and ``x``'s
+gradient is the sum of the K low-precision partials in ``x``'s dtype, as autograd sums them. The values are the
+ones autograd computes (the same GEMMs), up to the order in which the K partials of ``x``'s gradient are summed
+(and, with the fp32-output GEMM, the weight gradient's rounding, which only the fp32 accumulator sees).
+Before and after, for a SwiGLU body::
 
     fn(x, wg, wu, wd):  silu(linear(x, wg)) * linear(x, wu)
     middle(e0, e1, wg, wu, wd):  silu(e0) * e1        entries: (weight 0, no bias), (weight 1, no bias)
@@ -83,26 +87,46 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, out:
     return torch.mm(x, w.t(), **kw) if b is None else torch.addmm(b, x, w.t(), **kw)
 
 
-def applies(entries: Entries | None, x: torch.Tensor, params, autocast) -> bool:
-    """Whether the op may issue the projections itself for these inputs (NOTE [entry projections])."""
-    if entries is None or autocast:
-        return False
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast's linear casts to its dtype
+
+
+def compute_dtype(entries: Entries | None, x: torch.Tensor, params, autocast) -> torch.dtype | None:
+    """The dtype the op's projection GEMMs run in for these inputs, ``None`` where the op may not issue them
+    (NOTE [entry projections]): the one dtype of ``x`` and the projections' parameters, or under the region's
+    autocast ``(device, dtype)`` that dtype, when autocast would cast every one of them to it."""
+    if entries is None:
+        return None
     ps = [params[i] for i in entries.weights] + [params[b] for b in entries.biases if b >= 0]
-    return all(p.dtype == x.dtype for p in ps)
+    if autocast:
+        same_device = all(t.device.type == autocast[0] for t in (x, *ps))
+        return autocast[1] if same_device and all(t.dtype in _AUTOCAST_CASTS for t in (x, *ps)) else None
+    return x.dtype if all(p.dtype == x.dtype for p in ps) else None
+
+
+def cast_params(entries: Entries, params, dtype: torch.dtype) -> list:
+    """``params`` detached, the projections' own cast to ``dtype`` once for the op call (NOTE [one cast per
+    call]); the others as they are."""
+    owned = entries.owned()
+    return [p.detach().to(dtype) if i in owned else p.detach() for i, p in enumerate(params)]
 
 
 def project(entries: Entries, x: torch.Tensor, params) -> list[torch.Tensor]:
-    """The projections' outputs ``e_k = linear(x, W_k, b_k)`` (no autograd: the op computes their gradients)."""
-    return [linear(x, params[w].detach(), params[b].detach() if b >= 0 else None)
-            for w, b in zip(entries.weights, entries.biases)]  # fmt: skip
+    """The projections' outputs ``e_k = linear(x, W_k, b_k)`` (no autograd: the op computes their gradients);
+    ``x`` and the projections' parameters in one dtype (:func:`cast_params`)."""
+    return [linear(x, params[w], params[b] if b >= 0 else None) for w, b in zip(entries.weights, entries.biases)]
 
 
 def input_grad(entries: Entries, grads, params, rows: torch.Tensor) -> None:
-    """``rows = sum_k grads[k] @ W_k`` written in place: the first GEMM writes, the next ones add (``addmm_``)."""
+    """``rows = sum_k grads[k] @ W_k`` written in place: the first GEMM writes, the next ones add (``addmm_``);
+    ``rows`` in another dtype than the GEMMs (autocast): each partial in the GEMMs' dtype, summed in ``rows``'s,
+    as autograd sums them."""
     for k, (g, w) in enumerate(zip(grads, entries.weights)):
-        wk = params[w].detach()
+        wk = params[w]
         if g is None:
             if k == 0:
                 rows.zero_()
             continue
-        torch.mm(g, wk, out=rows) if k == 0 else rows.addmm_(g, wk)
+        if rows.dtype != g.dtype:
+            rows.copy_(g @ wk) if k == 0 else rows.add_(g @ wk)
+        else:
+            torch.mm(g, wk, out=rows) if k == 0 else rows.addmm_(g, wk)

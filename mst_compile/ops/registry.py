@@ -114,11 +114,12 @@ class Body:
                 out = torch.nn.functional.linear(out, *self._exit(params))
         return out
 
-    def write(self, rows: torch.Tensor, x, *params) -> None:
+    def write(self, rows: torch.Tensor, x, *params, es: list | None = None) -> None:
         """``rows.copy_(self(x, *params))``, with the exit projection's GEMM writing into ``rows`` itself when the
         dtypes agree (``mm`` / ``addmm`` with ``out=``, the kernels ``linear`` calls: the same values, no
-        chunk-sized temporary and copy; outside autocast, which takes no ``out=``)."""
-        out = self.inner(x, *params)
+        chunk-sized temporary and copy; outside autocast, which takes no ``out=``). ``es``: the entry
+        projections' outputs, already made by the op (NOTE [entry projections]): only the middle runs here."""
+        out = self.inner(x, *params) if es is None else self.middle(es, *params)
         if self.exit_w >= 0:
             w, b = self._exit(params)
             if rows.is_contiguous() and rows.dtype == out.dtype == w.dtype and (b is None or b.dtype == w.dtype):

@@ -26,11 +26,18 @@ def rowwise(x: torch.Tensor, params: list[torch.Tensor], spec: str) -> torch.Ten
     rs = parse(spec, RowwiseSpec)
     body = registry.get(rs.body)
     out = x.new_empty((x.shape[0], body.out_features), dtype=body.out_dtype or x.dtype)
+    # NOTE [entry projections]: the op's own GEMMs on the chunk, cast once for all of them, and the middle
+    proj_dtype = entry.compute_dtype(body.entries, x, params, body.autocast)
+    ent_params = None if proj_dtype is None else entry.cast_params(body.entries, params, proj_dtype)
     # the body sets its region's autocast (NOTE [autocast]), its weights cast once for all chunks (NOTE [one cast
     # per call])
     with torch.no_grad(), registry.no_autocast(x.device.type):
         for s, e in rs.chunks.bounds(x.shape[0]):
-            body.write(out[s:e], x[s:e], *params)
+            if ent_params is None:
+                body.write(out[s:e], x[s:e], *params)
+            else:
+                es = entry.project(body.entries, x[s:e].to(proj_dtype), ent_params)
+                body.write(out[s:e], None, *params, es=es)
     return out
 
 
@@ -57,8 +64,10 @@ def rowwise_backward(
     # NOTE [weight-gradient accumulation]
     accs = [GradAccumulator(p, len(bounds)) if n else None for p, n in zip(params, needs[1:])]
     # NOTE [entry projections]: the op's own GEMMs for the projections of x, autograd for the middle
-    ent = body.entries if entry.applies(body.entries, x, params, body.autocast) else None
+    proj_dtype = entry.compute_dtype(body.entries, x, params, body.autocast)
+    ent = body.entries if proj_dtype is not None else None
     owned = ent.owned() if ent else set()
+    ent_params = entry.cast_params(ent, params, proj_dtype) if ent else None
     wanted = [p for i, (p, n) in enumerate(zip(leaves, needs[1:])) if n and i not in owned]
     ent_grads = bool(ent) and (needs[0] or any(needs[1 + i] for i in owned))
     exit_wc = None  # the exit weight in the body's compute dtype, cast once (NOTE [one cast per call])
@@ -66,8 +75,9 @@ def rowwise_backward(
         for s, e in bounds:
             xr = x[s:e].detach()
             if ent:
+                xr = xr.to(proj_dtype)  # one cast of the chunk for all its projections (a no-op outside autocast)
                 with torch.no_grad():
-                    es = entry.project(ent, xr, params)
+                    es = entry.project(ent, xr, ent_params)
                 es = [t.requires_grad_(ent_grads) for t in es]
                 out, inputs = body.middle(es, *leaves), (es if ent_grads else []) + wanted
             else:
@@ -98,7 +108,7 @@ def rowwise_backward(
                     if g is not None and b >= 0 and needs[1 + b]:
                         accs[b].add(g.sum(0, dtype=accs[b].acc_dtype))
                 if needs[0]:
-                    entry.input_grad(ent, ges, params, gx[s:e])
+                    entry.input_grad(ent, ges, ent_params, gx[s:e])
                 es = ges = None
             elif needs[0]:
                 g = grads.pop(0)

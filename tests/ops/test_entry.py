@@ -81,10 +81,44 @@ def test_any_subset_of_gradients_matches_autograd(frozen):
         torch.testing.assert_close(a, b)
 
 
-def test_low_precision_inputs_and_autocast_take_the_split_only_where_dtypes_agree():
+def test_the_split_runs_in_one_dtype_or_the_autocast_dtype():
     e = entry.split(torch.fx.symbolic_trace(_swiglu))
     bf = [torch.empty(4, 2, dtype=torch.bfloat16)] * 3
-    assert entry.applies(e, torch.empty(3, 2, dtype=torch.bfloat16), bf, None)
-    assert not entry.applies(e, torch.empty(3, 2), bf, None)  # an fp32 input, bf16 weights: autograd's rules
-    assert not entry.applies(e, torch.empty(3, 2), [torch.empty(4, 2)] * 3, ("cpu", torch.bfloat16))
-    assert not entry.applies(None, torch.empty(3, 2), [], None)
+    assert entry.compute_dtype(e, torch.empty(3, 2, dtype=torch.bfloat16), bf, None) == torch.bfloat16
+    assert entry.compute_dtype(e, torch.empty(3, 2), bf, None) is None  # fp32 input, bf16 weights: autograd's rules
+    fp32 = [torch.empty(4, 2)] * 3
+    assert entry.compute_dtype(e, torch.empty(3, 2), fp32, ("cpu", torch.bfloat16)) == torch.bfloat16
+    assert entry.compute_dtype(e, torch.empty(3, 2, dtype=torch.float64), fp32, ("cpu", torch.bfloat16)) is None
+    assert entry.compute_dtype(e, torch.empty(3, 2), fp32, ("cuda", torch.bfloat16)) is None  # another device
+    assert entry.compute_dtype(None, torch.empty(3, 2), [], None) is None
+
+
+@pytest.mark.parametrize("body", [_swiglu, _fused_gate_up], ids=["swiglu", "fused-gate-up-bias"])
+def test_under_autocast_the_split_runs_in_the_autocast_dtype_as_autocast_does(body, monkeypatch):
+    # fp32 weights, the region under autocast: the op's GEMMs in bf16, weight gradients accumulated in fp32; no
+    # further from the fp64 gradients than eager autocast is
+    key = registry.register("mlp", torch.fx.symbolic_trace(body), 6, None, exit_w=2, autocast=("cpu", torch.bfloat16))
+    shapes = [(20, 6), (20, 6), (6, 20)] if body is _swiglu else [(40, 6), (40,), (6, 20)]
+    x = torch.randn(96, 6, requires_grad=True)
+    ps = [p.detach().float().requires_grad_() for p in _params(shapes, seed=2)]
+    calls = []
+    project = entry.project
+    monkeypatch.setattr(entry, "project", lambda *a: calls.append(a[1].dtype) or project(*a))
+    up = torch.randn(96, 6)
+
+    def run(fn, *args):
+        return torch.autograd.grad(fn(*args).float().mul(up).sum(), [x, *ps])
+
+    got = run(lambda: torch.ops.mst.rowwise(x, ps, rowwise_spec(key, 4)))
+    assert calls == [torch.bfloat16] * 8  # the split, on bf16 chunks, in the forward and the recompute
+
+    def eager(dtype=None):
+        xs, pp = (x, ps) if dtype is None else (x.double(), [p.double() for p in ps])
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype is None):
+            return F.linear(body(xs, *pp), pp[2])
+
+    want, exact = run(eager), run(lambda: eager(torch.float64))
+    for g, w, r in zip(got, want, exact):
+        assert g.dtype == w.dtype == torch.float32
+        err = lambda a: ((a.double() - r).abs().max() / r.abs().max()).item()  # noqa: E731
+        assert err(g) <= 1.25 * err(w) + 1e-3, (err(g), err(w))
