@@ -226,6 +226,23 @@ def test_gpu_check_runs_its_parity_rows_on_the_cpu():
     assert "parity nanogpt bf16-params" in out.stdout and "all parity checks pass" in out.stdout
 
 
+@pytest.mark.slow
+def test_gpu_check_region_rows_run_on_the_cpu():
+    """The timing half of the GPU check runs too (tiny shapes, one length): every arm, and the rows say which arm
+    chunked the region (the fixed 4-chunk MLP arm does; on these shapes the automatic plan leaves both whole)."""
+    from mst_compile.bench import gpu_check
+    from mst_compile.ops import accumulate
+
+    rows = gpu_check.region_rows("cpu", small=True, steps=1, lengths=(256,))
+    chunked = {r["check"]: r["chunked"] for r in rows}
+    assert chunked == {"mlp 256 tokens: torch.compile": "no", "mlp 256 tokens: mst": "no",
+                       "mlp 256 tokens: mst, no fp32-out GEMM": "no", "mlp 256 tokens: mst, bodies op by op": "no",
+                       "mlp 256 tokens: mst, 4 chunks": "yes", "head 256 tokens: torch.compile": "no",
+                       "head 256 tokens: mst": "no", "head 256 tokens: mst, no fp32-out GEMM": "no",
+                       "head 256 tokens: mst, bodies op by op": "no"}  # fmt: skip
+    assert accumulate.FP32_OUTPUT_GEMM and all(float(r["fwd+bwd ms"]) > 0 for r in rows)
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 def test_gpu_check_on_cuda():
     from mst_compile.bench import gpu_check

@@ -8,7 +8,9 @@ Prints one table:
 3. one Llama-8B-shaped MLP layer (H=4096, I=14336, SwiGLU) and head + cross-entropy (V=128256) in bf16 at 1K and
    8K tokens: forward + backward time by CUDA events, median of a few steps, mst vs the same region under
    ``torch.compile``, mst with and without the fp32-output weight-gradient GEMMs (NOTE [weight-gradient
-   accumulation]) and with its chunk bodies op by op instead of compiled (NOTE [compiled bodies]);
+   accumulation]) and with its chunk bodies op by op instead of compiled (NOTE [compiled bodies]), the MLP also
+   in 4 chunks (the CUDA chunk plan leaves a layer of this size whole at these lengths), each row saying whether
+   mst chunked the region;
    ``max_memory_allocated`` / ``max_memory_reserved`` of the step above its start.
 
 ``--device cpu --small`` runs the same code on tiny shapes (the suite's smoke test); the numbers mean nothing
@@ -120,12 +122,15 @@ def _timed(fn, device, steps):
     return statistics.median(times)
 
 
-def region_rows(device: str, small: bool, steps: int = 5) -> list[dict]:
+def region_rows(device: str, small: bool, steps: int = 5, lengths: tuple[int, ...] | None = None) -> list[dict]:
+    """Forward + backward time and memory of the MLP layer and the head at each of ``lengths`` tokens (1K and 8K;
+    256 and 512 with ``small``) under each arm."""
     from ..ops import accumulate
+    from ..report import counters
 
     h, i, v = (64, 224, 1000) if small else (4096, 14336, 128256)
     rows = []
-    for tokens in ((256, 512) if small else (1024, 8192)):
+    for tokens in lengths or ((256, 512) if small else (1024, 8192)):
         g = torch.Generator(device).manual_seed(0)
         x = torch.randn(1, tokens, h, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
         y = torch.randint(0, v, (1, tokens), device=device, generator=g)
@@ -135,10 +140,13 @@ def region_rows(device: str, small: bool, steps: int = 5) -> list[dict]:
             arms = {"torch.compile": ("inductor", True, None), "mst": ("mst", True, {}),
                     "mst, no fp32-out GEMM": ("mst", False, {}),
                     "mst, bodies op by op": ("mst", True, {"compile_bodies": "never"})}  # fmt: skip
+            if region == "mlp":  # the CUDA plan leaves this layer whole up to ~20K tokens: the chunks' cost too
+                arms["mst, 4 chunks"] = ("mst", True, {"chunk_tokens": tokens // 4})
             res = {}
             for arm, (backend, fp32_out, opts) in arms.items():
                 accumulate.FP32_OUTPUT_GEMM = fp32_out
                 torch._dynamo.reset()
+                before = counters[f"{region}_rewritten"]
                 cm = torch.compile(module, backend=backend, **({"options": opts} if opts else {}))
 
                 def step():
@@ -154,11 +162,12 @@ def region_rows(device: str, small: bool, steps: int = 5) -> list[dict]:
                 ms = _timed(step, device, steps)
                 mem = ((torch.cuda.max_memory_allocated() - base) / 2**20, torch.cuda.max_memory_reserved() / 2**20) \
                     if device == "cuda" else (float("nan"), float("nan"))  # fmt: skip
-                res[arm] = (ms, *mem)
+                res[arm] = (ms, *mem, counters[f"{region}_rewritten"] - before)
             accumulate.FP32_OUTPUT_GEMM = True
             base_ms = res["torch.compile"][0]
-            for arm, (ms, alloc, reserved) in res.items():
-                rows.append({"check": f"{region} {tokens} tokens: {arm}", "fwd+bwd ms": f"{ms:.2f}",
+            for arm, (ms, alloc, reserved, chunked) in res.items():
+                rows.append({"check": f"{region} {tokens} tokens: {arm}", "chunked": "yes" if chunked else "no",
+                             "fwd+bwd ms": f"{ms:.2f}",
                              "vs torch.compile": f"{ms / base_ms:.2f}x", "max alloc MiB": f"{alloc:.0f}",
                              "max reserved MiB": f"{reserved:.0f}", "ok": True})  # fmt: skip
     return rows
