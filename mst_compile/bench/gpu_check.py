@@ -140,7 +140,7 @@ def region_rows(device: str, small: bool, steps: int = 5, lengths: tuple[int, ..
             arms = {"torch.compile": ("inductor", True, None), "mst": ("mst", True, {}),
                     "mst, no fp32-out GEMM": ("mst", False, {}),
                     "mst, bodies op by op": ("mst", True, {"compile_bodies": "never"})}  # fmt: skip
-            if region == "mlp":  # the CUDA plan leaves this layer whole up to ~20K tokens: the chunks' cost too
+            if region == "mlp":  # the CUDA plan leaves this layer whole up to ~11K tokens (80 GB): the chunks too
                 arms["mst, 4 chunks"] = ("mst", True, {"chunk_tokens": tokens // 4})
             res = {}
             for arm, (backend, fp32_out, opts) in arms.items():
