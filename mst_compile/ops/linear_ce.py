@@ -238,17 +238,47 @@ def compiled_cross_entropy(z, y, ignore_index: int, eps: float, grad: bool):
 
 
 def _tail_cross_entropy(z, y, pre, post, logits_out, ignore_index: int, eps: float, grad: bool):
-    """Any row-wise tail (softcap, scaling): cross-entropy through autograd, gradient w.r.t. ``z``."""
+    """Any row-wise tail (softcap, scaling): cross-entropy through autograd, gradient w.r.t. ``z``; the tail,
+    the loss and, in backward, their gradient as Inductor code when the head compiles its bodies (NOTE [compiled
+    bodies]: one compile per tail, grad mode and dtype, the row count a symbol; a failure runs it op by op)."""
     with _compat.autograd_inside_op(), pre.amp():
         zr = z.requires_grad_(grad)
-        lg = pre.fn(zr)
+        if post.compiled and z.shape[0] > 1:
+            tail = _tail_body(pre, post, ignore_index, eps, logits_out is not None)
+            out = tail._run(tail.fn, tail.code, [zr, y], 2)
+            lg, loss = out if logits_out is not None else (None, out)
+        else:
+            lg = pre.fn(zr)
+            loss = F.cross_entropy(post.fn(lg), y, ignore_index=ignore_index, reduction="sum", label_smoothing=eps)
         if logits_out is not None:
             logits_out.copy_(lg.detach())
-        loss = F.cross_entropy(post.fn(lg), y, ignore_index=ignore_index, reduction="sum", label_smoothing=eps)
+        del lg
         if not grad:
             return loss.detach(), None
         (gz,) = torch.autograd.grad(loss, zr)
     return loss.detach(), gz
+
+
+_TAILS: dict = {}
+
+
+def _tail_body(pre, post, ignore_index: int, eps: float, want_logits: bool) -> registry.Body:
+    """``(z, y) -> ([pre(z),] cross_entropy(post(pre(z)), y, reduction="sum"))`` as one traced body, compiled
+    by the registry's ``_run`` (the row count of ``z`` and ``y`` a symbol)."""
+    key = (pre.code, post.code, ignore_index, float(eps), want_logits)
+    body = _TAILS.get(key)
+    if body is None:
+
+        pre_fn, post_fn = (getattr(b.fn, "forward", b.fn) for b in (pre, post))  # traced inline, not as modules
+
+        def tail(z, y):
+            lg = pre_fn(z)
+            loss = F.cross_entropy(post_fn(lg), y, ignore_index=ignore_index, reduction="sum", label_smoothing=eps)
+            return (lg, loss) if want_logits else loss
+
+        gm = torch.fx.symbolic_trace(tail)
+        body = _TAILS[key] = registry.Body(gm, -1, None, gm.code, autocast=pre.autocast, compiled=True)
+    return body
 
 
 @linear_ce.register_fake

@@ -167,7 +167,9 @@ def _compiled_fn(fn, code: str, args: list, rows: int) -> Callable:
 
         def compiled_fn(*a, compiled=compiled):
             out = compiled(*a)
-            return out[0] if isinstance(out, (list, tuple)) else out  # compile_fx returns the outputs boxed
+            if isinstance(out, (list, tuple)):  # compile_fx returns the outputs boxed
+                return out[0] if len(out) == 1 else tuple(out)
+            return out
 
         _COMPILED[key] = compiled_fn
     return compiled_fn

@@ -7,6 +7,7 @@ from mst_compile.ops import registry
 from mst_compile.ops.chunking import Chunks
 from mst_compile.ops.linear_ce import fused_cross_entropy
 from mst_compile.ops.spec import HeadSpec
+from tests.conftest import assert_close_rel
 
 F32 = registry.register_cast(torch.float32)
 F64 = registry.register_cast(torch.float64)
@@ -158,3 +159,60 @@ def test_every_chunk_writes_its_logits_into_one_buffer():
         _compat.custom_op_kernel(linear_ce.linear_ce)(hs.detach(), w.detach(), b.detach(), y,
                                                       _spec(F64, F64, chunks=Chunks(4)))  # fmt: skip
     assert sum(n == 10 * 50 for n in m.sizes) == 1, m.sizes
+
+
+def _softcap_fp32(z):
+    return (torch.tanh(z / 30.0) * 30.0).float()
+
+
+@pytest.mark.parametrize("want_logits", [False, True], ids=["loss", "loss+logits"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_a_compiled_tail_matches_op_by_op_and_compiles_once(want_logits, eps):
+    """NOTE [compiled bodies], a head with a row-wise tail (softcap): the tail, the loss and their gradient as
+    Inductor code, one compile for full and ragged chunks (301 rows in 3 chunks), the values op by op's (fp32),
+    the logits returned as op by op returns them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mst_compile.ops import linear_ce as mod
+
+    torch.manual_seed(0)
+    n, h, v = 301, 32, 1000
+    x, w = torch.randn(n, h), torch.randn(v, h) * 0.5
+    y = torch.randint(0, v, (n,))
+    y[:20] = -100
+    gm = torch.fx.symbolic_trace(_softcap_fp32)
+    posts = [registry.register("post", gm, v, torch.float32, compiled=c) for c in (False, True)]
+    specs = [_spec(F32, post, label_smoothing=eps, chunks=Chunks(3), needs=(True, True, False),
+                   want_logits=want_logits) for post in posts]  # fmt: skip
+    before = len(registry._COMPILED)
+    ref = torch.ops.mst.linear_ce(x, w, None, y, specs[0])
+    assert len(registry._COMPILED) == before  # op by op
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = torch.ops.mst.linear_ce(x, w, None, y, specs[1])
+    assert len(registry._COMPILED) == before + 1  # one compile for the chunks of 101, 100, 100 rows
+    assert any("CompiledFxGraph" in e.name for e in prof.events())
+    for i in (0, 2, 3) + ((5,) if want_logits else ()):  # loss, dh, dw, the logits (fp32: the fusion's order)
+        assert_close_rel(got[i], ref[i], rtol=1e-5, name=str(i))
+    key = next(k for k in mod._TAILS if k[2:] == (-100, eps, want_logits))
+    assert mod._TAILS[key].code not in registry._NOT_COMPILABLE
+
+
+def test_a_tail_that_does_not_compile_runs_op_by_op(monkeypatch, caplog):
+    """A compile failure of a tail is a missed fusion: one warning, the op-by-op values."""
+    from mst_compile import _compat
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(_compat, "compile_fx_rows_dynamic", broken)
+    torch.manual_seed(1)
+    x, w, y = torch.randn(40, 8), torch.randn(60, 8), torch.randint(0, 60, (40,))
+    gm = torch.fx.symbolic_trace(lambda z: (torch.tanh(z / 7.0) * 7.0).float())  # a tail of its own: not cached
+    specs = [_spec(F32, registry.register("post", gm, 60, torch.float32, compiled=c), chunks=Chunks(2),
+                   needs=(True, True, False)) for c in (False, True)]  # fmt: skip
+    ref = torch.ops.mst.linear_ce(x, w, None, y, specs[0])
+    with caplog.at_level("WARNING", logger="mst_compile"):
+        got = torch.ops.mst.linear_ce(x, w, None, y, specs[1])
+    assert "could not be compiled" in caplog.text
+    for i in (0, 2, 3):
+        torch.testing.assert_close(got[i], ref[i])

@@ -144,7 +144,8 @@ def _body(nodes: list[fx.Node], kind: str, dtype: torch.dtype, amp, out_dtype: t
         cur = g.call_method("to", (cur, out_dtype))
     g.output(cur)
     od = out_dtype or out.dtype
-    return registry.register(kind, fx.GraphModule(torch.nn.Module(), g), int(out.shape[-1]), od, autocast=amp)
+    return registry.register(kind, fx.GraphModule(torch.nn.Module(), g), int(out.shape[-1]), od, autocast=amp,
+                             compiled=compiled)  # fmt: skip
 
 
 def _cast_dtype(n: fx.Node) -> torch.dtype | None:
