@@ -48,7 +48,8 @@ class MSTConfig:
     - ``compiler``: what compiles the rewritten graph: ``"inductor"`` (default), or ``"aot_eager"`` (AOTAutograd
       without code generation: fast, for debugging and tests).
     - ``dump_dir``: write each graph's code before and after every pass into this folder.
-    - ``compile_bodies``: run each MLP chunk's row-wise middle as Inductor code (NOTE [compiled bodies]):
+    - ``compile_bodies``: run each MLP chunk's row-wise middle, and each head chunk's cross-entropy with any
+      row-wise tail before it (softcap, scaling), as Inductor code (NOTE [compiled bodies]):
       ``"cuda"`` (default) on CUDA devices, ``"always"``, or ``"never"`` (op by op, as on the CPU by default,
       where the chunks are compute-bound and a body's C++ compile costs seconds).
     - ``verify``: ``True`` (or ``"warn"``) / ``"raise"``: on the first call of each rewritten graph, also run the

@@ -263,6 +263,9 @@ def test_chunk_cost_counts_what_each_chunk_of_the_ops_launches():
     assert (fwd.launches, bwd.launches, head.launches, head.big_passes) == (5, 13, 25, 12), (
         fwd.ops, bwd.ops, head.ops)  # fmt: skip
     assert "copy_" not in fwd.ops
+    # a softcap between the projection and the loss, op by op: the tail and the cross-entropy under autograd
+    sc = c["softcap head forward+backward"]
+    assert (sc.launches, sc.big_passes) == (18, 24), sc.ops
     # bytes: at least every chunk's input rows and weights read once
     assert fwd.bytes >= (32 * 16 + 2 * 48 * 16 + 48 * 16) * 4
 
@@ -280,7 +283,13 @@ def test_chunk_cost_of_compiled_bodies_counts_inductor_kernels():
     # [weight-gradient accumulation]), so 14 where a GPU's fp32-output GEMMs need 10
     assert (fwd.launches, fwd.kernels, bwd.launches, bwd.kernels) == (4, 1, 14, 2), (fwd.ops, bwd.ops)
     assert (head.launches, head.kernels, head.big_passes) == (10, 1, 3), head.ops
+    # the softcap tail, its cross-entropy and their gradient: two kernels (forward, backward), where op by op
+    # makes 22 launches and 28 passes over the logits
+    sc = c["softcap head forward+backward"]
+    assert (sc.launches, sc.kernels, sc.big_passes) == (12, 2, 3), sc.ops
     c = mst_costs(rows=32, h=16, i=48, v=100, chunks=3, compiled=True)
+    sc = c["softcap head forward+backward"]
+    assert (sc.launches, sc.kernels, sc.big_passes) == (10, 2, 3), sc.ops
     # fp32 logits: the kernel writes the gradient over the logits (no [rows, vocab] temporary)
     head = c["head forward+backward"]
     assert (head.launches, head.kernels, head.big_passes) == (8, 1, 3), head.ops

@@ -1,6 +1,7 @@
 """``python -m mst_compile.bench chunk-cost``: what one chunk costs in device-independent terms.
 
-For the chunked MLP (SwiGLU) and the head + cross-entropy, per chunk: the ops launched (every aten op that
+For the chunked MLP (SwiGLU), the head + cross-entropy and the head with a softcap between them (Gemma-2's
+tail), per chunk: the ops launched (every aten op that
 computes, views and allocations left out) and the bytes they read and write (each tensor argument read, each
 result written; an in-place op reads and writes its tensor), and for the head the full passes over the chunk's
 ``[rows, vocab]`` logits (the ops that touch a tensor of that size). mst's ops are counted exactly by running
@@ -70,6 +71,11 @@ def _swiglu(x, wg, wu, wd):
     return F.silu(F.linear(x, wg)) * F.linear(x, wu)
 
 
+def _softcap(z):
+    """Gemma-2's final-logit softcap, the head's row-wise tail between the projection and the loss."""
+    return (torch.tanh(z / 30.0) * 30.0).float()
+
+
 def _generated_kernels(prof) -> int:
     """Inductor's C++ kernels that ran under ``prof`` (each recorded by name: ``cpp.enable_kernel_profile``)."""
     return sum("cpp_fused" in e.name for e in prof.events())
@@ -95,11 +101,14 @@ def mst_costs(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float3
     y = torch.randint(0, v, (n,), generator=g)
     pre, post = registry.register_cast(dtype), registry.register_cast(torch.float32, compiled=compiled)
     head = HeadSpec(pre, post, chunks=Chunks(chunks), needs=(True, True, False)).dumps()
+    tail = registry.register("post", torch.fx.symbolic_trace(_softcap), v, torch.float32, compiled=compiled)
+    softcap = HeadSpec(registry.register_cast(dtype), tail, chunks=Chunks(chunks), needs=(True, True, False)).dumps()
     res = {}
     runs = {
         "mlp forward": (lambda: _kernel(rowwise.rowwise)(x, [wg, wu, wd], mlp), -1),
         "mlp backward": (lambda: _kernel(rowwise.rowwise_backward)(grad, x, [wg, wu, wd], mlp, [True] * 4), -1),
         "head forward+backward": (lambda: _kernel(linear_ce.linear_ce)(x, w, None, y, head), rows * v),
+        "softcap head forward+backward": (lambda: _kernel(linear_ce.linear_ce)(x, w, None, y, softcap), rows * v),
     }  # fmt: skip
     # bodies compiled earlier in this process were built without the kernels' profiler records: compile afresh
     with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}), mock.patch.dict(
@@ -129,6 +138,8 @@ def compile_costs(rows: int, h: int, i: int, v: int, dtype=torch.float32) -> dic
         "mlp": (lambda x: down(F.silu(gate(x)) * up(x)), lambda out: out.backward(torch.ones_like(out))),
         "head": (lambda x: F.cross_entropy(head(x).float(), torch.randint(0, v, (rows,), generator=g)),
                  lambda out: out.backward()),
+        "softcap head": (lambda x: F.cross_entropy(_softcap(head(x)), torch.randint(0, v, (rows,), generator=g)),
+                         lambda out: out.backward()),
     }
     res = {}
     for name, (fwd, bwd) in regions.items():
@@ -166,6 +177,9 @@ def table(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float32) -
                      f"{bwd.bytes / 2**20:.1f} | - | {comp['mlp'].launches} | {_mib(comp['mlp'].bytes)}")
         lines.append(f"head + CE (fwd+bwd) | {how} | {hd.launches} | {hd.bytes / 2**20:.1f} | {hd.big_passes} | "
                      f"{comp['head'].launches} | {_mib(comp['head'].bytes)}")
+        sc, csc = mst["softcap head forward+backward"], comp["softcap head"]
+        lines.append(f"head + softcap + CE (fwd+bwd) | {how} | {sc.launches} | {sc.bytes / 2**20:.1f} | "
+                     f"{sc.big_passes} | {csc.launches} | {_mib(csc.bytes)}")
     return "\n".join(lines)
 
 
