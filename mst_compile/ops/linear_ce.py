@@ -245,7 +245,7 @@ def _tail_cross_entropy(z, y, pre, post, logits_out, ignore_index: int, eps: flo
         zr = z.requires_grad_(grad)
         if post.compiled and z.shape[0] > 1:
             tail = _tail_body(pre, post, ignore_index, eps, logits_out is not None)
-            out = tail._run(tail.fn, tail.code, [zr, y], 2)
+            out = tail.run(zr, y, rows=2)
             lg, loss = out if logits_out is not None else (None, out)
         else:
             lg = pre.fn(zr)
@@ -264,11 +264,10 @@ _TAILS: dict = {}
 
 def _tail_body(pre, post, ignore_index: int, eps: float, want_logits: bool) -> registry.Body:
     """``(z, y) -> ([pre(z),] cross_entropy(post(pre(z)), y, reduction="sum"))`` as one traced body, compiled
-    by the registry's ``_run`` (the row count of ``z`` and ``y`` a symbol)."""
+    when run (the row count of ``z`` and ``y`` a symbol)."""
     key = (pre.code, post.code, ignore_index, float(eps), want_logits)
     body = _TAILS.get(key)
     if body is None:
-
         pre_fn, post_fn = (getattr(b.fn, "forward", b.fn) for b in (pre, post))  # traced inline, not as modules
 
         def tail(z, y):

@@ -66,9 +66,10 @@ class Body:
     # the op's (NOTE [opaque chunk loops]). A compile or run failure falls back to ``fn`` with one warning.
     compiled: bool = False
 
-    def run(self, x, *params):
-        """``fn(x, *params)``, compiled when the body says so (NOTE [compiled bodies])."""
-        return self._run(self.fn, self.code, [x, *params], 1)
+    def run(self, *args, rows: int = 1):
+        """``fn(*args)``, compiled when the body says so (NOTE [compiled bodies]); the first ``rows`` arguments
+        are row-indexed (a chunk's rows, and for a loss its labels)."""
+        return self._run(self.fn, self.code, list(args), rows)
 
     def _run(self, fn, code: str, args: list, rows: int):
         """``fn(*args)``; compiled, the first ``rows`` arguments row-indexed (their dimension 0 a symbol)."""
