@@ -342,4 +342,16 @@ def test_alternate_interleaves_the_arms_and_takes_the_ratio_pair_by_pair():
     with mock.patch.object(alternate.time, "perf_counter", lambda: next(clock)):
         res = alternate.alternate(arm("a", 2), arm("b", 3), pairs=4, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then the order flips each pair
-    assert res["ratios"] == [1.5] * 4 and res["a_s"] == [2] * 4, res
+    assert res["ratios"] == [1.5] * 4 and res["a_s"] == [2] * 4 and res["ratio_ci95"] == (1.5, 1.5), res
+
+
+def test_alternate_gives_an_interval_for_the_median_ratio_that_narrows_with_more_pairs():
+    from mst_compile.bench.alternate import median_interval
+
+    assert median_interval([1.04] * 9) == (1.04, 1.04)
+    few = [0.90, 1.00, 1.05, 1.10, 1.20] * 2
+    lo, hi = median_interval(few)
+    assert min(few) <= lo < 1.05 < hi <= max(few), (lo, hi)
+    assert median_interval(few) == (lo, hi)  # seeded: the same numbers print the same interval
+    lo_many, hi_many = median_interval(few * 10)
+    assert lo <= lo_many and hi_many <= hi and hi_many - lo_many < hi - lo, (lo_many, hi_many)
