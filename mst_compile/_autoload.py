@@ -5,6 +5,9 @@
 - with ``MST_INDUCTOR_PASS=1``, installs mst as an Inductor pre-grad pass, so that code compiling with the
   plain ``inductor`` backend (HF Trainer's ``torch_compile_backend="inductor"``, accelerate) gets the MLP and
   loss-only head rewrites without importing mst_compile (see ``inductor_pass.py``).
+
+Its two ``torch._logging`` imports are the package's only private torch imports outside ``_compat.py``: this
+module runs while ``import torch`` is still under way, before ``_compat``'s Dynamo and Inductor imports can load.
 """
 
 from __future__ import annotations

@@ -12,6 +12,33 @@ from torch._inductor.custom_graph_pass import get_custom_graph_passes as custom_
 from torch._ops import OpOverload  # noqa: F401
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: F401
 from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: F401
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401
+
+import torch
+import torch.nn.functional as F
+
+# The function Dynamo records for ``nn.Linear`` (and the passes write back), and the functional spelling a model
+# may call instead; the same pair for scaled dot-product attention.
+LINEAR = torch._C._nn.linear
+LINEAR_FUNCTIONS = (LINEAR, F.linear)
+SDPA_FUNCTIONS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
+
+
+def lookup_backend(name: str):
+    """A registered ``torch.compile`` backend by name (Dynamo's registry)."""
+    return torch._dynamo.lookup_backend(name)
+
+
+def inductor_mode_options(mode: str) -> dict:
+    """The Inductor config keys a ``torch.compile`` mode (``"max-autotune"``, ...) stands for."""
+    return dict(torch._inductor.list_mode_options(mode))
+
+
+def inductor_metrics():
+    """Inductor's metrics module (generated kernel counts, reset between compiles)."""
+    from torch._inductor import metrics
+
+    return metrics
 
 
 def inductor_config():
@@ -87,8 +114,7 @@ def compile_fx_rows_dynamic(gm, args, rows_args=(0,)):
     ``compile_fx`` annotates and rewrites the graph it is given, and a registered body holds no fake values."""
     import copy
 
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
 
     mode = FakeTensorMode(shape_env=ShapeEnv())
     fakes = []

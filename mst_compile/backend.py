@@ -11,6 +11,7 @@ import logging
 import warnings
 
 import torch
+from torch import fx
 
 from . import _compat, ops  # noqa: F401  (ops: registers the mst:: custom ops)
 from .config import MSTConfig, resolve
@@ -57,8 +58,8 @@ def _inductor(gm, example_inputs, cfg: MSTConfig, mode: str | None, passes: str 
     (``passes=REWRITTEN``), only the free one on an untouched graph (NOTE [untouched graphs]), none when disabled
     (``PLAIN``: also the fallback after an Inductor failure). An Inductor option the user set is kept."""
     if cfg.compiler == "aot_eager":
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+        return _compat.lookup_backend("aot_eager")(gm, example_inputs)
+    patches = _compat.inductor_mode_options(mode) if mode else {}
     patches.update(cfg.inductor)
     if passes != PLAIN and cfg.enabled:
         ours = {"post_grad_custom_post_pass": EmbeddingGradPass()}  # NOTE [tied embedding gradient]

@@ -22,7 +22,8 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from .. import _compat
 
 _NOT_LAUNCHES = ("view", "_unsafe_view", "reshape", "t", "transpose", "slice", "select", "unsqueeze", "squeeze",
                  "expand", "as_strided", "detach", "alias", "permute", "_reshape_alias", "split", "unbind",
@@ -38,7 +39,7 @@ class Cost:
     kernels: int = 0  # Inductor-generated kernels among the launches (compiled bodies)
 
 
-class _Count(TorchDispatchMode):
+class _Count(_compat.TorchDispatchMode):
     def __init__(self, big_numel: int = -1):
         super().__init__()
         self.cost, self.big = Cost(), big_numel
@@ -62,8 +63,6 @@ class _Count(TorchDispatchMode):
 
 
 def _kernel(op):
-    from .. import _compat
-
     return _compat.custom_op_kernel(op)
 
 
@@ -111,7 +110,7 @@ def mst_costs(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float3
         "softcap head forward+backward": (lambda: _kernel(linear_ce.linear_ce)(x, w, None, y, softcap), rows * v),
     }  # fmt: skip
     # bodies compiled earlier in this process were built without the kernels' profiler records: compile afresh
-    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}), mock.patch.dict(
+    with _compat.inductor_config().patch({"cpp.enable_kernel_profile": True}), mock.patch.dict(
         registry._COMPILED, clear=True), mock.patch.dict(linear_ce._COMPILED_CE, clear=True):  # fmt: skip
         for name, (fn, big) in runs.items():
             if compiled:
@@ -126,8 +125,7 @@ def mst_costs(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float3
 
 def compile_costs(rows: int, h: int, i: int, v: int, dtype=torch.float32) -> dict[str, Cost]:
     """The same regions at one chunk's rows under ``torch.compile``: Inductor's kernels plus its GEMM calls."""
-    from torch._inductor import metrics
-
+    metrics = _compat.inductor_metrics()
     g = torch.Generator().manual_seed(0)
     gate, up, down = (torch.nn.Linear(h, i, bias=False), torch.nn.Linear(h, i, bias=False),
                       torch.nn.Linear(i, h, bias=False))  # fmt: skip
@@ -143,11 +141,11 @@ def compile_costs(rows: int, h: int, i: int, v: int, dtype=torch.float32) -> dic
     }
     res = {}
     for name, (fwd, bwd) in regions.items():
-        torch._dynamo.reset()
+        torch.compiler.reset()
         metrics.reset()
         x = torch.randn(rows, h, generator=g).to(dtype).requires_grad_()
         fn = torch.compile(fwd, backend="inductor")
-        with torch._inductor.config.patch(force_disable_caches=True):
+        with _compat.inductor_config().patch(force_disable_caches=True):
             out = fn(x)
             bwd(out)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

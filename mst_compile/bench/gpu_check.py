@@ -59,7 +59,7 @@ def parity_rows(device: str, small: bool) -> list[dict]:
     for name, (build, loss_fn) in _parity_models(device, small).items():
         for precision in ("bf16-params", "autocast"):
             for cudagraphs in ((False, True) if device == "cuda" else (False,)):
-                torch._dynamo.reset()
+                torch.compiler.reset()
                 model = build()
                 fp64 = copy.deepcopy(model).double()
                 if precision == "bf16-params":
@@ -145,7 +145,7 @@ def region_rows(device: str, small: bool, steps: int = 5, lengths: tuple[int, ..
             res = {}
             for arm, (backend, fp32_out, opts) in arms.items():
                 accumulate.FP32_OUTPUT_GEMM = fp32_out
-                torch._dynamo.reset()
+                torch.compiler.reset()
                 before = counters[f"{region}_rewritten"]
                 cm = torch.compile(module, backend=backend, **({"options": opts} if opts else {}))
 

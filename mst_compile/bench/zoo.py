@@ -100,7 +100,7 @@ def main() -> None:
         ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
         mst_compile.reset_counters()
-        torch._dynamo.reset()
+        torch.compiler.reset()
         cm = torch.compile(model, backend="mst", options={"num_chunks": 3, "compiler": "aot_eager"})
         loss, _ = loss_fn(name, cm, ids, ids)
         loss.backward()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-_LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
+from .. import _compat
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def split(gm: fx.GraphModule) -> Entries | None:
     x, params = phs[0], phs[1:]
     index = {p: i for i, p in enumerate(params)}
     entries = list(x.users)
-    if not entries or any(u.op != "call_function" or u.target not in _LINEARS or u.kwargs.keys() - {"bias"}
+    if not entries or any(u.op != "call_function" or u.target not in _compat.LINEAR_FUNCTIONS or u.kwargs.keys() - {"bias"}
                           for u in entries):  # fmt: skip
         return None
     weights, biases = [], []

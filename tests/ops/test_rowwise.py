@@ -75,7 +75,6 @@ def test_low_precision_weight_grad_accumulates_in_fp32():
 
 def test_registered_bodies_hold_no_fake_values():
     """The registry outlives each compile: its bodies must not keep that compile's fake tensors alive."""
-    import mst_compile
     from mst_compile.ops import registry
     from tests.modules import Block, PlainMLP
 

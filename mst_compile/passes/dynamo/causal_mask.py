@@ -28,7 +28,6 @@ import math
 
 import sympy
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from ... import _compat
@@ -39,7 +38,7 @@ from .context import CantChunk, PassContext, skip
 from .mask_proof import Interp
 from .mask_symbols import IDX, is_kv_le_q, shape_of, size_symbols, sym_of
 
-_SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
+_SDPA = set(_compat.SDPA_FUNCTIONS)
 _HOP_CHECKPOINT = "tag_activation_checkpoint"
 
 

@@ -19,7 +19,7 @@ from ..shared import tval
 from .context import CantChunk
 
 
-LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
+LINEAR_TARGETS = _compat.LINEAR_FUNCTIONS
 
 
 def linear_args(n) -> tuple | None:

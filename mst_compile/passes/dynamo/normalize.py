@@ -24,6 +24,7 @@ import operator
 import torch
 from torch import fx
 
+from ... import _compat
 from ..shared import tval
 from .context import PassContext
 from .nodes import linear_args
@@ -43,7 +44,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
         with g.inserting_before(n):
             wt = g.call_method("t", (w,))
             wt.meta["example_value"] = wv.t()
-            lin = g.call_function(torch._C._nn.linear, (x, wt, bias))
+            lin = g.call_function(_compat.LINEAR, (x, wt, bias))
         lin.meta.update(n.meta)
         n.replace_all_uses_with(lin)
         g.erase_node(n)
@@ -104,7 +105,7 @@ def _to_linear(g: fx.Graph, n: fx.Node, x: fx.Node, w: fx.Node, transposed: bool
             wt = g.call_method("t", (w,))
             wt.meta["example_value"] = tval(w).t()
             w = wt
-        lin = g.call_function(torch._C._nn.linear, (x, w, None))
+        lin = g.call_function(_compat.LINEAR, (x, w, None))
     lin.meta.update(n.meta)
     n.replace_all_uses_with(lin)
     g.erase_node(n)
@@ -129,7 +130,7 @@ def _fold_token_flattening(g: fx.Graph) -> None:
         if list(ov.shape) != [*xv.shape[:-1], lv.shape[-1]]:
             continue
         with g.inserting_before(outer):
-            new = g.call_function(torch._C._nn.linear, (x, w, b))
+            new = g.call_function(_compat.LINEAR, (x, w, b))
         new.meta.update(outer.meta)
         outer.replace_all_uses_with(new)
         g.erase_node(outer)

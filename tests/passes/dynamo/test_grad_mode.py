@@ -1,6 +1,5 @@
 """NOTE [grad mode per node]: the passes read grad mode where the graph sets it, not from the caller."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
