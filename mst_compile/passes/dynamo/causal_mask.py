@@ -38,7 +38,7 @@ from .context import CantChunk, PassContext, skip
 from .mask_proof import Interp
 from .mask_symbols import IDX, is_kv_le_q, shape_of, size_symbols, sym_of
 
-_SDPA = set(_compat.SDPA_FUNCTIONS)
+_SDPA = _compat.SDPA_FUNCTIONS
 _HOP_CHECKPOINT = "tag_activation_checkpoint"
 
 

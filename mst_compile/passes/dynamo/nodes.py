@@ -19,12 +19,9 @@ from ..shared import tval
 from .context import CantChunk
 
 
-LINEAR_TARGETS = _compat.LINEAR_FUNCTIONS
-
-
 def linear_args(n) -> tuple | None:
     """``(x, weight, bias)`` if ``n`` is a linear projection, else ``None``."""
-    if not isinstance(n, fx.Node) or n.op != "call_function" or n.target not in LINEAR_TARGETS:
+    if not isinstance(n, fx.Node) or n.op != "call_function" or n.target not in _compat.LINEAR_FUNCTIONS:
         return None
     args = list(n.args) + [None] * (3 - len(n.args))
     x = n.kwargs.get("input", args[0])
