@@ -80,9 +80,11 @@ def main(argv=None) -> int:
     res.update(a=a.a, b=a.b, b_options=a.b_options, model=a.model, tokens=a.tokens, form=a.form, dtype=a.dtype,
                malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"))  # fmt: skip
     print(json.dumps(res))
+    lo, hi = res["ratio_ci95"]
     print(f"{a.b}{'[' + a.b_options + ']' if a.b_options else ''} / {a.a}: {res['ratio_median']:.3f}x (median of "
-          f"{a.pairs} pairs, 95% interval {res['ratio_ci95'][0]:.3f}-{res['ratio_ci95'][1]:.3f}; medians {res['b_median']:.3f} s / {res['a_median']:.3f} s), {a.tokens} tokens, "
-          f"{a.dtype}, MALLOC_MMAP_THRESHOLD_={res['malloc_mmap_threshold']}")  # fmt: skip
+          f"{a.pairs} pairs, 95% interval {lo:.3f}-{hi:.3f}; medians {res['b_median']:.3f} s / "
+          f"{res['a_median']:.3f} s), {a.tokens} tokens, {a.dtype}, "
+          f"MALLOC_MMAP_THRESHOLD_={res['malloc_mmap_threshold']}")  # fmt: skip
     return 0
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mst_compile  # noqa: F401
+import mst_compile
 from mst_compile.ops import registry
 from tests.conftest import assert_close_rel, rowwise_spec
 
