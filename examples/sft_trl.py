@@ -35,7 +35,8 @@ SETUPS = ("default", "nll", "padding_free", "packing", "ga", "completion_only")
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--framework", choices=("trl", "trainer"), default="trl")
-    p.add_argument("--backend", choices=("mst", "inductor", "aot_eager", "eager"), default="mst")
+    p.add_argument("--backend", choices=("mst", "inductor", "aot_eager", "eager", "none"), default="mst",
+                   help="none: nothing compiled (the eager reference; no Dynamo tracing)")
     p.add_argument("--mst-compiler", choices=("inductor", "aot_eager"), default="inductor",
                    help="what compiles mst's rewritten graph (aot_eager: no code generation, the quick A/B against "
                         "--backend aot_eager)")  # fmt: skip
@@ -121,7 +122,9 @@ def run(a) -> dict:
     if a.mst_compiler != "inductor":
         options["compiler"] = a.mst_compiler
     kw = {"options": options} if a.backend == "mst" else {}
-    if a.compile == "inplace":
+    if a.backend == "none":
+        pass
+    elif a.compile == "inplace":
         model.compile(backend=a.backend, **kw)  # the recipe: the trainer keeps the model itself
     elif a.compile == "wrap":
         model = torch.compile(model, backend=a.backend, **kw)
@@ -131,7 +134,7 @@ def run(a) -> dict:
                   per_device_train_batch_size=a.batch, learning_rate=a.lr, logging_steps=1, save_strategy="no",
                   report_to=[], seed=0, use_cpu=device == "cpu",
                   gradient_accumulation_steps=2 if a.setup == "ga" else 1)  # fmt: skip
-    if a.compile == "args":
+    if a.compile == "args" and a.backend != "none":
         common.update(torch_compile=True, torch_compile_backend=a.backend)
     peaks = _StepPeaks(device)
     n_rows = a.batch * a.steps * (2 if a.setup == "ga" else 1)

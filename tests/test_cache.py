@@ -138,16 +138,15 @@ def _checked(cold: dict, warm: dict) -> None:
 
 @pytest.fixture(scope="module")
 def cold_warm(tmp_path_factory):
-    """For mst and plain Inductor: the first step in a process with an empty cache directory, then twice in
-    fresh processes with the same one, the two backends' warm runs alternating (timing noise hits both alike).
-    mst's cold run also saves its cache artifacts. ``{backend: (cold, warm, warm)}``."""
+    """For mst and plain Inductor: the first step in a process with an empty cache directory, then again in a
+    fresh process with the same one, the two backends' warm runs one after the other (timing noise hits both
+    alike). mst's cold run also saves its cache artifacts. ``{backend: (cold, warm)}``."""
     tmp = tmp_path_factory.mktemp("cache")
     art = str(tmp / "artifacts.bin")
     runs = {"mst": [_step(tmp, "mst-cold", "mst", "cache-mst", "--save", art)[0]],
             "inductor": [_step(tmp, "inductor-cold", "inductor", "cache-inductor")[0]]}  # fmt: skip
-    for i in range(2):
-        for backend in runs:
-            runs[backend].append(_step(tmp, f"{backend}-warm{i}", backend, f"cache-{backend}")[0])
+    for backend in runs:
+        runs[backend].append(_step(tmp, f"{backend}-warm", backend, f"cache-{backend}")[0])
     for cold, *warm in runs.values():
         for w in warm:
             _checked(cold, w)
@@ -155,15 +154,15 @@ def cold_warm(tmp_path_factory):
 
 
 def _seconds(runs: list[dict]) -> tuple[float, float]:
-    """(cold, the faster warm) compile seconds."""
-    return runs[0]["seconds"], min(r["seconds"] for r in runs[1:])
+    """(cold, warm) compile seconds."""
+    return runs[0]["seconds"], runs[1]["seconds"]
 
 
 @pytest.mark.slow
 def test_a_warm_cache_serves_mst_in_a_second_process(cold_warm):
     """A second process with the same cache directory: AOTAutograd's cache hits for mst's graph, the step is
     the same to the bit, and the compile takes at most half the cold one."""
-    cold, warm, _ = cold_warm["mst"]
+    cold, warm = cold_warm["mst"]
     assert cold["rewritten"] == warm["rewritten"] == 3
     assert warm["seconds"] <= 0.5 * cold["seconds"], (cold["seconds"], warm["seconds"])
 
