@@ -355,3 +355,42 @@ def test_alternate_gives_an_interval_for_the_median_ratio_that_narrows_with_more
     assert median_interval(few) == (lo, hi)  # seeded: the same numbers print the same interval
     lo_many, hi_many = median_interval(few * 10)
     assert lo <= lo_many and hi_many <= hi and hi_many - lo_many < hi - lo, (lo_many, hi_many)
+
+
+def test_gemms_reads_each_operands_layout_from_the_profilers_trace():
+    """``bench gemms``: ``N`` for an operand with contiguous rows, ``T`` for a transposed view, the two operands
+    of ``addmm_`` after what it adds into; one row per op, shapes, layouts and dtype, with its call count."""
+    from mst_compile.bench.gemms import profile_step
+
+    a, b, c = torch.randn(8, 16), torch.randn(4, 16), torch.randn(16, 4)
+    acc = torch.zeros(16, 4)
+
+    def step():
+        a @ b.t()
+        a @ b.t()
+        a.t() @ torch.randn(8, 4)
+        a @ c
+        acc.addmm_(a.t(), torch.randn(8, 4))
+
+    _, rows = profile_step(step)
+    got = {(r["op"], r["a"], r["b"], r["layout"], r["calls"]) for r in rows}
+    assert got == {("mm", (8, 16), (16, 4), "NT", 2), ("mm", (16, 8), (8, 4), "TN", 1),
+                   ("mm", (8, 16), (16, 4), "NN", 1), ("addmm_", (16, 8), (8, 4), "TN", 1)}, rows  # fmt: skip
+    assert all(r["dtype"] == "float" and r["seconds"] >= 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_gemms_sees_the_chunked_heads_gemms_in_a_compiled_step():
+    """Inside mst's ops too: two chunks of the head make two logits GEMMs of half the rows, and the first chunk's
+    weight gradient is written (``mm``), the second's added in place (``addmm_``: NOTE [weight-gradient
+    accumulation])."""
+    from mst_compile.bench.gemms import profile_step
+    from mst_compile.bench.worker import build_step
+
+    model, step = build_step("mst", "step", "llama-tiny", 64, '{"num_chunks": 2}')
+    step()
+    _, rows = profile_step(step)
+    h, v = model.config.hidden_size, model.config.vocab_size
+    by_key = {(r["op"], r["a"], r["b"], r["layout"]): r["calls"] for r in rows}
+    assert by_key[("mm", (32, h), (h, v), "NT")] == 2, rows  # the logits, chunk by chunk
+    assert by_key[("mm", (v, 32), (32, h), "TN")] == 1 and by_key[("addmm_", (v, 32), (32, h), "TN")] == 1, rows

@@ -88,7 +88,7 @@ def selected_arms(arms: str | None, full: bool) -> list[str]:
 
 
 #: ``python -m mst_compile.bench TOOL ...``: the benchmark's companion checks, each its own module
-TOOLS = {"gpu-check": "gpu_check", "chunk-cost": "chunk_cost", "alternate": "alternate"}
+TOOLS = {"gpu-check": "gpu_check", "chunk-cost": "chunk_cost", "alternate": "alternate", "gemms": "gemms"}
 
 
 def main(argv=None) -> int:
@@ -103,7 +103,8 @@ def main(argv=None) -> int:
 
     p = parser("python -m mst_compile.bench", __doc__)
     p.epilog = ("other tools: python -m mst_compile.bench gpu-check (the few-minute GPU check) | chunk-cost (ops and "
-                "bytes per chunk) | alternate (two arms' steps interleaved in one process); each takes --help")  # fmt: skip
+                "bytes per chunk) | alternate (two arms' steps interleaved in one process) | gemms (every GEMM of a step, "
+                "with its operands' layouts); each takes --help")  # fmt: skip
     p.add_argument("--model", default="llama-small", help=f"one of {', '.join(CONFIGS)} (bench/models.py), or "
                    f"zoo:ARCH with ARCH one of {', '.join(ZOO)}, nanogpt")  # fmt: skip
     p.add_argument("--tokens", default="2048", help="comma-separated token counts (batch 1)")
