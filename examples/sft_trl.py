@@ -123,7 +123,7 @@ def run(a) -> dict:
         options["compiler"] = a.mst_compiler
     kw = {"options": options} if a.backend == "mst" else {}
     if a.backend == "none":
-        pass
+        pass  # the eager reference: the model as it is
     elif a.compile == "inplace":
         model.compile(backend=a.backend, **kw)  # the recipe: the trainer keeps the model itself
     elif a.compile == "wrap":

@@ -103,8 +103,8 @@ def main(argv=None) -> int:
 
     p = parser("python -m mst_compile.bench", __doc__)
     p.epilog = ("other tools: python -m mst_compile.bench gpu-check (the few-minute GPU check) | chunk-cost (ops and "
-                "bytes per chunk) | alternate (two arms' steps interleaved in one process) | gemms (every GEMM of a step, "
-                "with its operands' layouts); each takes --help")  # fmt: skip
+                "bytes per chunk) | alternate (two arms' steps interleaved in one process) | gemms (every GEMM of a "
+                "step, with its operands' layouts); each takes --help")  # fmt: skip
     p.add_argument("--model", default="llama-small", help=f"one of {', '.join(CONFIGS)} (bench/models.py), or "
                    f"zoo:ARCH with ARCH one of {', '.join(ZOO)}, nanogpt")  # fmt: skip
     p.add_argument("--tokens", default="2048", help="comma-separated token counts (batch 1)")

@@ -57,8 +57,8 @@ def split(gm: fx.GraphModule) -> Entries | None:
     x, params = phs[0], phs[1:]
     index = {p: i for i, p in enumerate(params)}
     entries = list(x.users)
-    if not entries or any(u.op != "call_function" or u.target not in _compat.LINEAR_FUNCTIONS or u.kwargs.keys() - {"bias"}
-                          for u in entries):  # fmt: skip
+    if not entries or any(u.op != "call_function" or u.target not in _compat.LINEAR_FUNCTIONS
+                          or u.kwargs.keys() - {"bias"} for u in entries):  # fmt: skip
         return None
     weights, biases = [], []
     for u in entries:
