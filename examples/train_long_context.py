@@ -16,7 +16,6 @@ max allocated on GPU), with a progress bar; writes ``<out>/<backend>-<context>.j
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
