@@ -8,7 +8,6 @@ from __future__ import annotations
 from torch._dynamo.utils import counters as dynamo_counters  # noqa: F401
 from torch._inductor.compile_fx import compile_fx  # noqa: F401
 from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: F401
-from torch._inductor.custom_graph_pass import get_custom_graph_passes as custom_graph_passes  # noqa: F401
 from torch._ops import OpOverload  # noqa: F401
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: F401
 from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: F401
@@ -24,9 +23,59 @@ LINEAR_FUNCTIONS = (LINEAR, F.linear)
 SDPA_FUNCTIONS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
 
 
+class ChainedPass(CustomGraphPass):
+    """Several custom passes in one Inductor slot, run in order, for a torch whose slots hold one pass (before
+    ``get_custom_graph_passes``: torch 2.11); its ``uuid`` is its passes' (``None``, so no cache entry, when one
+    of them has none)."""
+
+    def __init__(self, passes):
+        self.passes = tuple(passes)
+
+    def __call__(self, graph):
+        for p in self.passes:
+            p(graph)
+
+    def uuid(self):
+        ids = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in self.passes]
+        return None if any(i is None for i in ids) else repr(ids)
+
+
+try:
+    from torch._inductor.custom_graph_pass import get_custom_graph_passes as _slot_passes
+
+    SLOTS_HOLD_TUPLES = True
+except ImportError:  # torch 2.11: one pass per slot
+    SLOTS_HOLD_TUPLES = False
+
+    def _slot_passes(p):
+        return () if p is None else tuple(p) if isinstance(p, (list, tuple)) else (p,)
+
+
+def custom_graph_passes(slot) -> tuple:
+    """The passes an Inductor custom-pass slot holds, in order (a :class:`ChainedPass` opened)."""
+    return tuple(q for p in _slot_passes(slot) for q in (p.passes if isinstance(p, ChainedPass) else (p,)))
+
+
+def slot_value(passes: tuple):
+    """What an Inductor custom-pass slot is set to for ``passes`` run in order: one pass as itself; several as a
+    tuple where the slot takes one, else as one :class:`ChainedPass`."""
+    if len(passes) == 1:
+        return passes[0]
+    return tuple(passes) if SLOTS_HOLD_TUPLES else ChainedPass(passes)
+
+
 def lookup_backend(name: str):
     """A registered ``torch.compile`` backend by name (Dynamo's registry)."""
     return torch._dynamo.lookup_backend(name)
+
+
+def register_backend_by_name(name: str, fn) -> bool:
+    """Register ``fn`` as ``torch.compile(backend=name)`` unless that name is known already (an installed entry
+    point); whether it registered."""
+    if name in torch._dynamo.list_backends(exclude_tags=()):
+        return False
+    torch._dynamo.register_backend(fn, name=name)
+    return True
 
 
 def inductor_mode_options(mode: str) -> dict:

@@ -81,7 +81,7 @@ def chain_passes(theirs, mine):
     ``torch._inductor.config`` or in ``options={"inductor": {...}}``. Inductor runs a tuple in order and keys
     its cache on each pass's ``uuid``. Returns ``mine`` alone where the slot was empty."""
     before = tuple(p for p in _compat.custom_graph_passes(theirs) if p is not mine)
-    return (*before, mine) if before else mine
+    return _compat.slot_value((*before, mine))
 
 
 # NOTE [options fixed per compiled model]: the process default and the ``MST_*`` environment are read when a

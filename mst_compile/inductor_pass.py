@@ -85,11 +85,12 @@ def install() -> None:
     # NOTE [early timing]: the pass runs on every compile, before Inductor's cache lookup, so every compile
     # records its report and the cache is keyed on the rewritten graph (its body specs, NOTE [body spec]); a hit
     # needs nothing from the pass (the graph carries its bodies).
-    cfg.pre_grad_pass_timing = "early"
+    if hasattr(cfg, "pre_grad_pass_timing"):  # torch 2.11 has no such setting (nor the cache lookup before it)
+        cfg.pre_grad_pass_timing = "early"
 
 
 def uninstall() -> None:
     """Remove mst's pass; passes others installed stay."""
     cfg = _compat.inductor_config()
     rest = tuple(p for p in _compat.custom_graph_passes(cfg.pre_grad_custom_pass) if not isinstance(p, MSTPreGradPass))
-    cfg.pre_grad_custom_pass = (rest[0] if len(rest) == 1 else rest) if rest else None
+    cfg.pre_grad_custom_pass = _compat.slot_value(rest) if rest else None

@@ -292,8 +292,7 @@ def test_inductor_patches(monkeypatch, options, recompute, reuse):
     # the second recompute follows the recompute mode; horizontal fusion is off wherever mst's passes run
     assert isinstance(seen.get("post_grad_custom_pre_pass"), RematPass) == (recompute is not None)
     assert (seen.get("score_fusion_memory_threshold", 10) > 2**40) == (reuse is not None)
-    post = seen.get("post_grad_custom_post_pass")  # a tuple where another pass is installed globally
-    post = post if isinstance(post, tuple) else (post,)
+    post = backend._compat.custom_graph_passes(seen.get("post_grad_custom_post_pass"))  # others' passes too
     assert any(isinstance(p, EmbeddingGradPass) for p in post) == (options != {"enabled": False})
 
 
@@ -362,12 +361,21 @@ def test_user_inductor_passes_are_chained_not_replaced(monkeypatch, slot, where)
     # Inductor's config.patch, not monkeypatch (which deletes a config key on undo)
     with torch._inductor.config.patch({slot: user} if where == "global" else {}):
         torch.compile(Block(PlainMLP()), backend="mst", options=options)(torch.randn(2, 5, 16))
-    chained = seen[slot]
-    assert isinstance(chained, tuple) and chained[0] is user and len(chained) == 2
+    chained = backend._compat.custom_graph_passes(seen[slot])
+    assert len(chained) == 2 and chained[0] is user
     assert type(chained[1]).__module__.startswith("mst_compile.passes")
 
 
-def test_a_user_pass_runs_under_inductor_next_to_mst():
+@pytest.mark.parametrize("slots", ["tuples", "one pass"])
+def test_a_user_pass_runs_under_inductor_next_to_mst(monkeypatch, slots):
+    """Both forms of a chained slot run under Inductor: a tuple, and for a torch whose slots take one pass
+    (torch 2.11) one ``ChainedPass``, whose ``uuid`` is its passes' so Inductor's cache keeps working."""
+    from mst_compile import _compat
+
+    if slots == "one pass":
+        monkeypatch.setattr(_compat, "SLOTS_HOLD_TUPLES", False)
+    elif not _compat.SLOTS_HOLD_TUPLES:
+        pytest.skip("this torch's Inductor slots take one pass")
     user = _UserPass()
     model = Block(PlainMLP())
     x = torch.randn(2, 5, 16, requires_grad=True)
@@ -375,6 +383,43 @@ def test_a_user_pass_runs_under_inductor_next_to_mst():
         torch.compile(model, backend="mst", options={"num_chunks": 2})(x).sum().backward()
     assert user.calls >= 2  # the forward and the backward graph
     assert mst_compile.counters["mlp_rewritten"] == 2
+
+
+def test_a_chained_pass_runs_its_passes_in_order_and_keys_the_cache_on_them():
+    from mst_compile import _compat
+
+    calls = []
+
+    class P(_UserPass):
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, graph):
+            calls.append(self.name)
+
+        def uuid(self):
+            return self.name
+
+    chained = _compat.ChainedPass((P("a"), P("b")))
+    chained(None)
+    assert calls == ["a", "b"]
+    assert chained.uuid() == repr(["a", "b"]) != _compat.ChainedPass((P("b"), P("a"))).uuid()
+    assert _compat.ChainedPass((P("a"), lambda g: None)).uuid() is None  # a plain function: no cache key
+    assert _compat.custom_graph_passes(chained) == chained.passes  # opened, so chaining again does not nest
+    assert _compat.slot_value((chained.passes[0],)) is chained.passes[0]
+
+
+def test_the_backend_registers_by_name_only_where_no_entry_point_did():
+    from mst_compile import _compat
+    from mst_compile.backend import mst_backend
+
+    assert not _compat.register_backend_by_name("mst", mst_backend)  # the installed entry point's name
+    name = "mst_registered_by_name_test"
+    assert _compat.register_backend_by_name(name, mst_backend)
+    assert not _compat.register_backend_by_name(name, mst_backend)
+    out = torch.compile(Block(PlainMLP()), backend=name, options={"compiler": "aot_eager", "num_chunks": 2})
+    out(torch.randn(2, 5, 16))
+    assert mst_compile.counters["mlp_rewritten"] > 0  # mst compiled it
 
 
 def test_a_recompile_keeps_the_settings_of_the_first_compile(monkeypatch):

@@ -223,7 +223,39 @@ def test_gpu_check_runs_its_parity_rows_on_the_cpu():
     out = subprocess.run([sys.executable, "-m", "mst_compile.bench.gpu_check", "--device", "cpu", "--small",
                           "--skip-regions"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "parity nanogpt bf16-params" in out.stdout and "all parity checks pass" in out.stdout
+    assert "parity nanogpt bf16-params" in out.stdout and "all checks pass" in out.stdout
+
+
+def test_gpu_check_names_the_rows_its_budget_skips(capsys):
+    """A check cut short by its time budget still ends with a verdict and names every row it did not run."""
+    from mst_compile.bench import gpu_check
+
+    assert gpu_check.main(["--device", "cpu", "--small", "--budget-s", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped after the 0 s budget: ['parity llama-tiny bf16-params', 'parity llama-tiny autocast', " in out
+    assert "'head 256 tokens: mst, bodies op by op']" in out
+
+
+def test_gpu_check_reports_a_failing_row_and_goes_on(monkeypatch, capsys):
+    """One row raising (an out-of-memory, a compile error) is a failed row in the table, and the rows after it
+    still run: a short lease of a GPU is not lost to the first error."""
+    import json
+
+    from mst_compile.bench import gpu_check
+
+    def fails_once(device, tokens, build, loss_fn, precision, cudagraphs):
+        if precision == "bf16-params":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore text")
+        return {"ok": True}
+
+    monkeypatch.setattr(gpu_check, "_parity_row", fails_once)
+    assert gpu_check.main(["--device", "cpu", "--small", "--skip-regions"]) == 1
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [(r["check"], r["ok"], r.get("error")) for r in lines] == [
+        ("parity llama-tiny bf16-params", False, "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+        ("parity llama-tiny autocast", True, None),
+        ("parity nanogpt bf16-params", False, "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+        ("parity nanogpt autocast", True, None)]  # fmt: skip
 
 
 @pytest.mark.slow

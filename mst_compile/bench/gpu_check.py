@@ -15,11 +15,20 @@ Prints one table:
 
 ``--device cpu --small`` runs the same code on tiny shapes (the suite's smoke test); the numbers mean nothing
 there.
+
+Made for a short lease of a GPU machine, where nothing is installed and every compile is cold: it runs from a
+plain checkout on the torch it finds (the ``mst`` backend registered by name when the package's entry point is
+not installed), prints each row as one JSON line the moment it is measured (so a run cut off still reports what
+it finished), each with the seconds it took, and stops starting new rows after ``--budget-s`` seconds (the rows
+it skips are named). Order: parity without CUDA graphs, the regions at 8K then 1K tokens, parity with CUDA
+graphs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import sys
 import time
@@ -50,40 +59,84 @@ def _step(model, loss_fn, ids, amp):
     return loss.detach(), grads
 
 
-def parity_rows(device: str, small: bool) -> list[dict]:
-    """mst and eager, each against an fp64 run of the same weights: mst no further from it than eager."""
+class Rows(list):
+    """The rows measured so far; ``add`` prints each as one JSON line at once (with the seconds since the last
+    row and how many compiled bodies so far fell back to op by op) when ``echo``; ``over`` once ``budget_s`` seconds have passed since the start, after which callers start
+    no new row and name it in ``skipped``."""
+
+    def __init__(self, budget_s: float = float("inf"), echo: bool = False):
+        super().__init__()
+        self.start = self.last = time.perf_counter()
+        self.budget_s, self.echo, self.skipped = budget_s, echo, []
+
+    def over(self, check: str) -> bool:
+        if time.perf_counter() - self.start < self.budget_s:
+            return False
+        self.skipped.append(check)
+        return True
+
+    def add(self, row: dict) -> None:
+        from ..report import counters
+
+        now = time.perf_counter()
+        # a body this torch's Inductor rejected runs op by op from then on (NOTE [compiled bodies]): the rows after
+        # the count moves time that code
+        row = {**row, "s": f"{now - self.last:.0f}", "bodies not compiled": counters["bodies_not_compiled"]}
+        self.last = now
+        self.append(row)
+        if self.echo:
+            print(json.dumps(row), flush=True)
+
+
+def _parity_row(device, tokens, build, loss_fn, precision, cudagraphs) -> dict:
     import copy
 
-    rows = []
+    torch.compiler.reset()
+    model = build()
+    fp64 = copy.deepcopy(model).double()
+    if precision == "bf16-params":
+        model = model.to(torch.bfloat16)
+        fp64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    vocab = model.lm_head.weight.shape[0]
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    amp = precision == "autocast"
+    ref_loss, ref = _step(fp64, loss_fn, ids, False)
+    eager_loss, eager = _step(model, loss_fn, ids, amp)
+    opts = {"inductor": {"triton.cudagraphs": True}} if cudagraphs else {}
+    cm = torch.compile(model, backend="mst", options=opts)
+    _step(cm, loss_fn, ids, amp)  # warm-up (cudagraphs records on a later call)
+    loss, got = _step(cm, loss_fn, ids, amp)
+    err = {n: (_rel(got[n], ref[n]), _rel(eager[n], ref[n])) for n in ref}
+    worst = max(err, key=lambda n: err[n][0] / max(err[n][1], 1e-3))
+    loss_err = (_rel(loss, ref_loss), _rel(eager_loss, ref_loss))
+    return {"loss dtype (mst/eager)": f"{loss.dtype}/{eager_loss.dtype}".replace("torch.", ""),
+            "loss err vs fp64 (mst/eager)": f"{loss_err[0]:.1e}/{loss_err[1]:.1e}",
+            "worst grad err vs fp64 (mst/eager)": f"{err[worst][0]:.1e}/{err[worst][1]:.1e} ({worst})",
+            "ok": loss.dtype == eager_loss.dtype and loss_err[0] <= 1.25 * loss_err[1] + 1e-3
+            and all(a <= 1.25 * e + 1e-2 for a, e in err.values())}  # fmt: skip
+
+
+def parity_rows(device: str, small: bool, rows: Rows | None = None, cudagraphs_runs=None) -> Rows:
+    """mst and eager, each against an fp64 run of the same weights: mst no further from it than eager; with
+    ``cudagraphs_runs`` (default: with and without CUDA graphs on CUDA, without elsewhere)."""
+    rows = Rows() if rows is None else rows
     tokens = 64 if small else 1024
-    for name, (build, loss_fn) in _parity_models(device, small).items():
-        for precision in ("bf16-params", "autocast"):
-            for cudagraphs in ((False, True) if device == "cuda" else (False,)):
-                torch.compiler.reset()
-                model = build()
-                fp64 = copy.deepcopy(model).double()
-                if precision == "bf16-params":
-                    model = model.to(torch.bfloat16)
-                    fp64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-                vocab = model.lm_head.weight.shape[0]
-                ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
-                amp = precision == "autocast"
-                ref_loss, ref = _step(fp64, loss_fn, ids, False)
-                eager_loss, eager = _step(model, loss_fn, ids, amp)
-                opts = {"inductor": {"triton.cudagraphs": True}} if cudagraphs else {}
-                cm = torch.compile(model, backend="mst", options=opts)
-                _step(cm, loss_fn, ids, amp)  # warm-up (cudagraphs records on a later call)
-                loss, got = _step(cm, loss_fn, ids, amp)
-                err = {n: (_rel(got[n], ref[n]), _rel(eager[n], ref[n])) for n in ref}
-                worst = max(err, key=lambda n: err[n][0] / max(err[n][1], 1e-3))
-                loss_err = (_rel(loss, ref_loss), _rel(eager_loss, ref_loss))
-                rows.append({"check": f"parity {name} {precision}" + (" cudagraphs" if cudagraphs else ""),
-                             "loss dtype (mst/eager)": f"{loss.dtype}/{eager_loss.dtype}".replace("torch.", ""),
-                             "loss err vs fp64 (mst/eager)": f"{loss_err[0]:.1e}/{loss_err[1]:.1e}",
-                             "worst grad err vs fp64 (mst/eager)": f"{err[worst][0]:.1e}/{err[worst][1]:.1e} ({worst})",
-                             "ok": loss.dtype == eager_loss.dtype and loss_err[0] <= 1.25 * loss_err[1] + 1e-3
-                             and all(a <= 1.25 * e + 1e-2 for a, e in err.values())})  # fmt: skip
+    for cudagraphs in cudagraphs_runs or ((False, True) if device == "cuda" else (False,)):
+        for name, (build, loss_fn) in _parity_models(device, small).items():
+            for precision in ("bf16-params", "autocast"):
+                check = f"parity {name} {precision}" + (" cudagraphs" if cudagraphs else "")
+                if rows.over(check):
+                    continue
+                try:
+                    rows.add({"check": check, **_parity_row(device, tokens, build, loss_fn, precision, cudagraphs)})
+                except Exception as e:  # noqa: BLE001  (one failing row must not cost the others)
+                    rows.add(_failed(check, e))
     return rows
+
+
+def _failed(check: str, e: BaseException) -> dict:
+    return {"check": check, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+            "ok": False}
 
 
 class _MLP(torch.nn.Module):
@@ -122,15 +175,16 @@ def _timed(fn, device, steps):
     return statistics.median(times)
 
 
-def region_rows(device: str, small: bool, steps: int = 5, lengths: tuple[int, ...] | None = None) -> list[dict]:
-    """Forward + backward time and memory of the MLP layer and the head at each of ``lengths`` tokens (1K and 8K;
-    256 and 512 with ``small``) under each arm."""
+def region_rows(device: str, small: bool, steps: int = 5, lengths: tuple[int, ...] | None = None,
+                rows: Rows | None = None) -> Rows:  # fmt: skip
+    """Forward + backward time and memory of the MLP layer and the head at each of ``lengths`` tokens (8K and 1K;
+    512 and 256 with ``small``) under each arm."""
     from ..ops import accumulate
     from ..report import counters
 
     h, i, v = (64, 224, 1000) if small else (4096, 14336, 128256)
-    rows = []
-    for tokens in lengths or ((256, 512) if small else (1024, 8192)):
+    rows = Rows() if rows is None else rows
+    for tokens in lengths or ((512, 256) if small else (8192, 1024)):
         g = torch.Generator(device).manual_seed(0)
         x = torch.randn(1, tokens, h, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
         y = torch.randint(0, v, (1, tokens), device=device, generator=g)
@@ -142,8 +196,11 @@ def region_rows(device: str, small: bool, steps: int = 5, lengths: tuple[int, ..
                     "mst, bodies op by op": ("mst", True, {"compile_bodies": "never"})}  # fmt: skip
             if region == "mlp":  # the CUDA plan leaves this layer whole up to ~11K tokens (80 GB): the chunks too
                 arms["mst, 4 chunks"] = ("mst", True, {"chunk_tokens": tokens // 4})
-            res = {}
+            base_ms = None
             for arm, (backend, fp32_out, opts) in arms.items():
+                check = f"{region} {tokens} tokens: {arm}"
+                if rows.over(check):
+                    continue
                 accumulate.FP32_OUTPUT_GEMM = fp32_out
                 torch.compiler.reset()
                 before = counters[f"{region}_rewritten"]
@@ -154,22 +211,25 @@ def region_rows(device: str, small: bool, steps: int = 5, lengths: tuple[int, ..
                     module.zero_grad(set_to_none=True)
                     x.grad = None
 
-                step()  # compile
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                ms = _timed(step, device, steps)
-                mem = ((torch.cuda.max_memory_allocated() - base) / 2**20, torch.cuda.max_memory_reserved() / 2**20) \
-                    if device == "cuda" else (float("nan"), float("nan"))  # fmt: skip
-                res[arm] = (ms, *mem, counters[f"{region}_rewritten"] - before)
-            accumulate.FP32_OUTPUT_GEMM = True
-            base_ms = res["torch.compile"][0]
-            for arm, (ms, alloc, reserved, chunked) in res.items():
-                rows.append({"check": f"{region} {tokens} tokens: {arm}", "chunked": "yes" if chunked else "no",
-                             "fwd+bwd ms": f"{ms:.2f}",
-                             "vs torch.compile": f"{ms / base_ms:.2f}x", "max alloc MiB": f"{alloc:.0f}",
-                             "max reserved MiB": f"{reserved:.0f}", "ok": True})  # fmt: skip
+                try:
+                    step()  # compile
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                    ms = _timed(step, device, steps)
+                except Exception as e:  # noqa: BLE001  (one arm failing must not cost the other rows)
+                    rows.add(_failed(check, e))
+                    continue
+                finally:
+                    accumulate.FP32_OUTPUT_GEMM = True
+                alloc, reserved = ((torch.cuda.max_memory_allocated() - base) / 2**20,
+                                   torch.cuda.max_memory_reserved() / 2**20) if device == "cuda" else (math.nan,) * 2
+                base_ms = ms if backend == "inductor" else base_ms
+                rows.add({"check": check, "chunked": "yes" if counters[f"{region}_rewritten"] - before else "no",
+                          "fwd+bwd ms": f"{ms:.2f}", "vs torch.compile": f"{ms / base_ms:.2f}x" if base_ms else "",
+                          "max alloc MiB": f"{alloc:.0f}", "max reserved MiB": f"{reserved:.0f}", "ok": True})
     return rows
 
 
@@ -187,22 +247,33 @@ def main(argv=None) -> int:
                     help="device to check on (default: cuda when available, else cpu)")  # fmt: skip
     ap.add_argument("--small", action="store_true", help="tiny shapes: a smoke test of the check itself")
     ap.add_argument("--skip-regions", action="store_true", help="parity rows only")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="start no new row after this many seconds (the skipped rows are named)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu-check: no CUDA device here (use --device cpu --small for a smoke test)", file=sys.stderr)
         return 2
+    from .. import _compat
+    from ..backend import mst_backend
+
+    _compat.register_backend_by_name("mst", mst_backend)  # a checkout that was not pip-installed
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"mst gpu-check on {name}, torch {torch.__version__}", flush=True)
-    rows = parity_rows(args.device, args.small)
-    print(table(rows), flush=True)
+    rows = Rows(args.budget_s, echo=True)
+    parity_rows(args.device, args.small, rows, cudagraphs_runs=(False,))
     if not args.skip_regions:
-        regions = region_rows(args.device, args.small)
-        print(table(regions), flush=True)
-        rows += regions
+        region_rows(args.device, args.small, rows=rows)
+    if args.device == "cuda":
+        parity_rows(args.device, args.small, rows, cudagraphs_runs=(True,))
+    print(table([r for r in rows if r["check"].startswith("parity")]), flush=True)
+    if not args.skip_regions:
+        print(table([r for r in rows if not r["check"].startswith("parity")]), flush=True)
+    print(f"{time.perf_counter() - rows.start:.0f} s in all")
+    if rows.skipped:
+        print(f"skipped after the {args.budget_s:.0f} s budget: {rows.skipped}")
     bad = [r["check"] for r in rows if not r["ok"]]
-    print("all parity checks pass" if not bad else f"FAILED: {bad}")
+    print("all checks pass" if not bad else f"FAILED: {bad}")
     return 1 if bad else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

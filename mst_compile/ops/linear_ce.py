@@ -18,7 +18,6 @@ none, as eager) and the count of non-ignored labels.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Optional
 
 import torch
@@ -223,7 +222,7 @@ def compiled_cross_entropy(z, y, ignore_index: int, eps: float, grad: bool):
                 compiled = _compat.compile_fx_rows_dynamic(gm, [z, y], rows_args=(0, 1))
             fn = _COMPILED_CE[key] = compiled
         except Exception as e:  # noqa: BLE001 - a missed fusion, never a failed step
-            logging.getLogger("mst_compile").warning("mst: the chunk cross-entropy could not be compiled: %s", e)
+            registry.body_not_compiled("the chunk cross-entropy could not be compiled", e)
             fn = _COMPILED_CE[key] = None
     if fn is not None:
         try:
@@ -232,7 +231,7 @@ def compiled_cross_entropy(z, y, ignore_index: int, eps: float, grad: bool):
             loss, g = (out[0], z) if into else out
             return loss, (g if grad else None)
         except Exception as e:  # noqa: BLE001 - as a compile failure: a missed fusion, never a failed step
-            logging.getLogger("mst_compile").warning("mst: the compiled chunk cross-entropy failed to run: %s", e)
+            registry.body_not_compiled("the compiled chunk cross-entropy failed to run", e)
             _COMPILED_CE[key] = None
     return fused_cross_entropy(z.float(), y, ignore_index, eps, grad)
 

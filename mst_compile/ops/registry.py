@@ -78,7 +78,7 @@ class Body:
                 return _compiled_fn(fn, code, args, rows)(*args)
             except Exception as e:  # noqa: BLE001 - a missed fusion, never a failed step
                 _NOT_COMPILABLE.add(code)
-                log.warning("mst: a chunk body could not be compiled, running it op by op: %s: %s", type(e).__name__, e)
+                body_not_compiled("a chunk body could not be compiled, running it op by op", e)
         return fn(*args)
 
     @functools.cached_property
@@ -153,6 +153,16 @@ def no_autocast(device_type: str | None = None) -> contextlib.ExitStack:
 
 _COMPILED: dict[tuple, Callable] = {}
 _NOT_COMPILABLE: set[str] = set()
+
+
+def body_not_compiled(what: str, e: BaseException) -> None:
+    """A compiled body (NOTE [compiled bodies]) that failed to compile or run: one warning, and
+    ``counters["bodies_not_compiled"]`` (the GPU check reports it: a torch whose Inductor rejects a body runs it
+    op by op, and its timings are of that)."""
+    from ..report import counters
+
+    counters["bodies_not_compiled"] += 1
+    log.warning("mst: %s: %s: %s", what, type(e).__name__, e)
 
 
 def _compiled_fn(fn, code: str, args: list, rows: int) -> Callable:
