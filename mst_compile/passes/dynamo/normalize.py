@@ -1,4 +1,8 @@
-"""Pass: rewrite projections spelled other ways into ``linear`` so the later passes see one form.
+"""Pass: rewrite projections spelled other ways into ``linear``, and comparisons spelled as methods into
+``operator`` functions, so the later passes see one form.
+
+Before::  m = x.__eq__(y)                       (how torch 2.11's Dynamo records ``x == y`` on a tensor)
+After::   m = operator.eq(x, y)                 (how later torch records it; ``!=``, ``<``, ... the same)
 
 Before::  t = torch.addmm(b, x2d, W)            (GPT-2 ``Conv1D``; W is [in, out])
 After::   t = torch._C._nn.linear(x2d, W.t(), b)
@@ -30,8 +34,20 @@ from .context import PassContext
 from .nodes import linear_args
 
 
+#: a tensor's comparison methods, as the ``operator`` functions the later passes match
+_COMPARE_METHODS = {"__eq__": operator.eq, "__ne__": operator.ne, "__lt__": operator.lt, "__le__": operator.le,
+                    "__gt__": operator.gt, "__ge__": operator.ge}  # fmt: skip
+
+
 def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
     g = gm.graph
+    for n in list(g.nodes):
+        if n.op == "call_method" and n.target in _COMPARE_METHODS and len(n.args) == 2 and not n.kwargs:
+            with g.inserting_before(n):
+                new = g.call_function(_COMPARE_METHODS[n.target], n.args)
+            new.meta.update(n.meta)
+            n.replace_all_uses_with(new)
+            g.erase_node(n)
     for n in list(g.nodes):
         if n.op != "call_function" or n.target is not torch.addmm or len(n.args) != 3:
             continue
