@@ -135,17 +135,19 @@ def test_config_switch_and_counter():
     assert regions(ctx, "mask") == [] and _sdpa_calls(gm)[0].kwargs["attn_mask"] is not None
 
 
+def packed_causal_attention(q, k, v):
+    """HF's packed-sequence detection in a causal mask: cumsum(diff(arange) != 1) is identically 0."""
+    pos = torch.arange(S)[None]
+    packed = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+    causal = torch.arange(S)[None, :] <= torch.arange(S)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal & (packed[0][:, None] == packed[0][None, :]))
+
+
 def test_diff_and_cumsum_closed_forms():
     """HF's packed-sequence detection: cumsum(diff(arange) != 1) is identically 0."""
-    def f(q, k, v):
-        pos = torch.arange(S)[None]
-        packed = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
-        causal = torch.arange(S)[None, :] <= torch.arange(S)[:, None]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal & (packed[0][:, None] == packed[0][None, :]))
-
-    gm, [rec], ex = _run(f, _qkv())
+    gm, [rec], ex = _run(packed_causal_attention, _qkv())
     assert rec.status == "rewritten", rec.reason
-    torch.testing.assert_close(gm(*ex)[0], f(*_qkv()))
+    torch.testing.assert_close(gm(*ex)[0], packed_causal_attention(*_qkv()))
 
 
 def test_is_kv_le_q_normal_forms():
