@@ -1,6 +1,6 @@
 """``python -m mst_compile.bench gpu-check``: the few-minute check to run whenever a GPU is available.
 
-Prints one table:
+Prints a table of these rows (each row also as one JSON line the moment it is measured):
 1. parity in bf16 (bf16 parameters, and fp32 parameters under autocast) of a tiny HF Llama and of a nanoGPT-style
    model: the loss's dtype (equal to eager's), the loss and every gradient against an fp64 run of the same
    weights, mst no further from it than eager (relative error, max |a-b| / max |b|; 1.25x eager's + a floor);
@@ -60,9 +60,9 @@ def _step(model, loss_fn, ids, amp):
 
 
 class Rows(list):
-    """The rows measured so far; ``add`` prints each as one JSON line at once (with the seconds since the last
-    row and how many compiled bodies so far fell back to op by op) when ``echo``; ``over`` once ``budget_s`` seconds have passed since the start, after which callers start
-    no new row and name it in ``skipped``."""
+    """The rows measured so far. ``add`` records one (with the seconds since the last row and how many compiled
+    bodies so far fell back to op by op) and, with ``echo``, prints it as one JSON line at once; ``over`` is true
+    once ``budget_s`` seconds have passed since the start, and names the row not started in ``skipped``."""
 
     def __init__(self, budget_s: float = float("inf"), echo: bool = False):
         super().__init__()
