@@ -79,7 +79,8 @@ def chain_passes(theirs, mine):
     """NOTE [chained passes]: an Inductor custom-pass slot holding the user's (or a framework's) passes and
     mst's, the user's first, so that installing mst never replaces a pass someone else set: globally in
     ``torch._inductor.config`` or in ``options={"inductor": {...}}``. Inductor runs a tuple in order and keys
-    its cache on each pass's ``uuid``. Returns ``mine`` alone where the slot was empty."""
+    its cache on each pass's ``uuid`` (where a slot takes one pass, torch 2.11, one ``ChainedPass`` does both).
+    Returns ``mine`` alone where the slot was empty."""
     before = tuple(p for p in _compat.custom_graph_passes(theirs) if p is not mine)
     return _compat.slot_value((*before, mine))
 
