@@ -241,6 +241,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
+def _setting(device: str) -> dict:
+    """What the rows depend on besides the code: the fp32-output GEMM (without it the "no fp32-out GEMM" arm runs
+    the same code as "mst"), Triton's version, and the CUDA chunk plan's per-chunk budget."""
+    from .. import plan
+    from ..ops import accumulate
+
+    out = {"fp32-output GEMM": accumulate.fp32_out_gemm_works(device, torch.bfloat16)}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    if device == "cuda":
+        out["chunk budget MiB"] = round(torch.cuda.get_device_properties(0).total_memory
+                                        * plan.CUDA_BUDGET_FRACTION / 2**20)  # fmt: skip
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mst_compile.bench gpu-check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -259,6 +278,7 @@ def main(argv=None) -> int:
     _compat.register_backend_by_name("mst", mst_backend)  # a checkout that was not pip-installed
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"mst gpu-check on {name}, torch {torch.__version__}", flush=True)
+    print(json.dumps({"setting": _setting(args.device)}), flush=True)
     rows = Rows(args.budget_s, echo=True)
     parity_rows(args.device, args.small, rows, cudagraphs_runs=(False,))
     if not args.skip_regions:

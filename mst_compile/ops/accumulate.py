@@ -40,11 +40,11 @@ FP32_OUTPUT_GEMM = True
 
 
 def _fp32_out_gemm(device_type: str, dtype: torch.dtype) -> bool:
-    return FP32_OUTPUT_GEMM and _fp32_out_gemm_works(device_type, dtype)
+    return FP32_OUTPUT_GEMM and fp32_out_gemm_works(device_type, dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _fp32_out_gemm_works(device_type: str, dtype: torch.dtype) -> bool:
+def fp32_out_gemm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` works (and is right) here."""
     if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
