@@ -83,10 +83,14 @@ def min_rows(cfg, row_bytes: int) -> int:
     return max(LOWEST_MIN_ROWS, min(MIN_ROWS, fit))
 
 
-def _cuda_memory(device_index: int | None) -> int:
-    import torch
+def cuda_budget(device_memory: int | None = None, device_index: int | None = None) -> float:
+    """NOTE [CUDA chunk plan]: the bytes one chunk's intermediate may take on a GPU of ``device_memory`` bytes
+    (default: the memory of CUDA device ``device_index``)."""
+    if device_memory is None:
+        import torch
 
-    return torch.cuda.get_device_properties(device_index or 0).total_memory
+        device_memory = torch.cuda.get_device_properties(device_index or 0).total_memory
+    return device_memory * CUDA_BUDGET_FRACTION
 
 
 def chunk_plan(cfg, *, rows: int | None, input_size: int, wide_size: int, row_bytes: int, device_type: str = "cpu",
@@ -105,7 +109,7 @@ def chunk_plan(cfg, *, rows: int | None, input_size: int, wide_size: int, row_by
         r = max(1, int(cfg.chunk_memory_mib * 2**20 // row_bytes))
         m, rule = 0, f"one per {r} tokens (<= {cfg.chunk_memory_mib:g} MiB each)"
     elif device_type == "cuda":  # NOTE [CUDA chunk plan]
-        budget = (device_memory if device_memory is not None else _cuda_memory(device_index)) * CUDA_BUDGET_FRACTION
+        budget = cuda_budget(device_memory, device_index)
         fit = int(budget // row_bytes) // CUDA_ROW_MULTIPLE * CUDA_ROW_MULTIPLE
         r = cfg.min_chunk_tokens or max(CUDA_MIN_ROWS, fit)
         m, rule = 0, f"one per {r} tokens (<= {budget / 2**20:.0f} MiB each)"

@@ -255,8 +255,7 @@ def _setting(device: str) -> dict:
     except ImportError:
         out["triton"] = None
     if device == "cuda":
-        out["chunk budget MiB"] = round(torch.cuda.get_device_properties(0).total_memory
-                                        * plan.CUDA_BUDGET_FRACTION / 2**20)  # fmt: skip
+        out["chunk budget MiB"] = round(plan.cuda_budget() / 2**20)
     return out
 
 
@@ -294,6 +293,7 @@ def main(argv=None) -> int:
     bad = [r["check"] for r in rows if not r["ok"]]
     print("all checks pass" if not bad else f"FAILED: {bad}")
     return 1 if bad else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

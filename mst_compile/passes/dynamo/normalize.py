@@ -43,11 +43,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
     g = gm.graph
     for n in list(g.nodes):
         if n.op == "call_method" and n.target in _COMPARE_METHODS and len(n.args) == 2 and not n.kwargs:
-            with g.inserting_before(n):
-                new = g.call_function(_COMPARE_METHODS[n.target], n.args)
-            new.meta.update(n.meta)
-            n.replace_all_uses_with(new)
-            g.erase_node(n)
+            _replace(g, n, _COMPARE_METHODS[n.target], n.args)
     for n in list(g.nodes):
         if n.op != "call_function" or n.target is not torch.addmm or len(n.args) != 3:
             continue
@@ -60,10 +56,7 @@ def rewrite(gm: fx.GraphModule, ctx: PassContext) -> None:
         with g.inserting_before(n):
             wt = g.call_method("t", (w,))
             wt.meta["example_value"] = wv.t()
-            lin = g.call_function(_compat.LINEAR, (x, wt, bias))
-        lin.meta.update(n.meta)
-        n.replace_all_uses_with(lin)
-        g.erase_node(n)
+        _replace(g, n, _compat.LINEAR, (x, wt, bias))
     for n in list(g.nodes):
         proj = _matmul_projection(n)
         if proj is not None:
@@ -116,15 +109,23 @@ def _operands_fit(x, w) -> bool:
 
 
 def _to_linear(g: fx.Graph, n: fx.Node, x: fx.Node, w: fx.Node, transposed: bool) -> None:
-    with g.inserting_before(n):
-        if transposed:
+    if transposed:
+        with g.inserting_before(n):
             wt = g.call_method("t", (w,))
-            wt.meta["example_value"] = tval(w).t()
-            w = wt
-        lin = g.call_function(_compat.LINEAR, (x, w, None))
-    lin.meta.update(n.meta)
-    n.replace_all_uses_with(lin)
-    g.erase_node(n)
+        wt.meta["example_value"] = tval(w).t()
+        w = wt
+    _replace(g, n, _compat.LINEAR, (x, w, None))
+
+
+def _replace(g: fx.Graph, old: fx.Node, target, args: tuple) -> fx.Node:
+    """``target(*args)`` in ``old``'s place, with ``old``'s metadata (its fake value: the same value), and
+    ``old`` erased."""
+    with g.inserting_before(old):
+        new = g.call_function(target, args)
+    new.meta.update(old.meta)
+    old.replace_all_uses_with(new)
+    g.erase_node(old)
+    return new
 
 
 def _is_reshape(n) -> bool:
@@ -145,11 +146,7 @@ def _fold_token_flattening(g: fx.Graph) -> None:
             continue
         if list(ov.shape) != [*xv.shape[:-1], lv.shape[-1]]:
             continue
-        with g.inserting_before(outer):
-            new = g.call_function(_compat.LINEAR, (x, w, b))
-        new.meta.update(outer.meta)
-        outer.replace_all_uses_with(new)
-        g.erase_node(outer)
+        _replace(g, outer, _compat.LINEAR, (x, w, b))
         g.erase_node(lin)
         if not x2.users:
             g.erase_node(x2)
