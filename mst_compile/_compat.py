@@ -160,7 +160,9 @@ def compile_fx_rows_dynamic(gm, args, rows_args=(0,)):
     ``rows_args`` (the row-indexed ones: a chunk's rows and, for a loss, its labels; a static row count in one of
     them would specialize the others to it): one compiled function for every row count of 2 or more (sizes 0
     and 1 are specialized away by the ShapeEnv). ``gm`` itself is left as it was (a copy is compiled):
-    ``compile_fx`` annotates and rewrites the graph it is given, and a registered body holds no fake values."""
+    ``compile_fx`` annotates and rewrites the graph it is given, and a registered body holds no fake values.
+    CUDA graphs stay off whatever the process's Inductor config says: a body runs inside the caller's compiled
+    code, possibly inside that code's own CUDA graph capture, and must not make a graph of its own."""
     import copy
 
     from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
@@ -170,7 +172,7 @@ def compile_fx_rows_dynamic(gm, args, rows_args=(0,)):
     for i, a in enumerate(args):
         dyn = [DimDynamic.DYNAMIC if (i in rows_args and d == 0) else DimDynamic.STATIC for d in range(a.dim())]
         fakes.append(mode.from_tensor(a, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dyn)))
-    return compile_fx(copy.deepcopy(gm), fakes)
+    return compile_fx(copy.deepcopy(gm), fakes, config_patches={"triton.cudagraphs": False})
 
 
 def custom_op_kernel(op):

@@ -216,14 +216,24 @@ def test_plot_one_style_per_arm_legend_outside_readable_ticks(monkeypatch, tmp_p
 
 @pytest.mark.slow
 def test_gpu_check_runs_its_parity_rows_on_the_cpu():
-    """The GPU check's own code runs (``--device cpu --small``): its table and its verdict."""
+    """The GPU check's own code runs (``--device cpu --small``): its table and its verdict. Each parity row ran
+    mst's chunks, not Inductor's whole regions (NOTE [parity runs the chunks]): both MLPs and the head of each
+    model chunked, their bodies compiled as on a GPU, none fell back to op by op."""
+    import json
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-m", "mst_compile.bench.gpu_check", "--device", "cpu", "--small",
-                          "--skip-regions"], capture_output=True, text=True, timeout=600)  # fmt: skip
+                          "--skip-regions"], capture_output=True, text=True, timeout=900)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "parity nanogpt bf16-params" in out.stdout and "all checks pass" in out.stdout
+    rows = [json.loads(x) for x in out.stdout.splitlines() if x.startswith('{"check"')]
+    assert [r["check"] for r in rows] == ["parity llama-tiny bf16-params", "parity llama-tiny autocast",
+                                          "parity nanogpt bf16-params", "parity nanogpt autocast"]  # fmt: skip
+    assert all(r["chunked (mlp/head)"] == "2/1" and r["bodies not compiled"] == 0 for r in rows), rows
+    # a body compiles once per key and process: the first row of each model compiles its MLP body (forward and
+    # recompute) and, for bf16 logits, its chunk cross-entropy; a later row compiles what its dtypes change
+    assert [r["bodies compiled"] for r in rows] == [3, 2, 3, 2], rows
 
 
 def test_gpu_check_names_the_rows_its_budget_skips(capsys):

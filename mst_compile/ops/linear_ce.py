@@ -219,7 +219,7 @@ def compiled_cross_entropy(z, y, ignore_index: int, eps: float, grad: bool):
             f = functools.partial(body, ignore_index=ignore_index, eps=float(eps), vocab=z.shape[1])
             gm = torch.fx.symbolic_trace(lambda z, y: f(z, y))
             with torch.no_grad():
-                compiled = _compat.compile_fx_rows_dynamic(gm, [z, y], rows_args=(0, 1))
+                compiled = registry.compile_body(gm, [z, y], rows_args=(0, 1))
             fn = _COMPILED_CE[key] = compiled
         except Exception as e:  # noqa: BLE001 - a missed fusion, never a failed step
             registry.body_not_compiled("the chunk cross-entropy could not be compiled", e)

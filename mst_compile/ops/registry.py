@@ -165,6 +165,16 @@ def body_not_compiled(what: str, e: BaseException) -> None:
     log.warning("mst: %s: %s: %s", what, type(e).__name__, e)
 
 
+def compile_body(gm, args: list, rows_args: tuple[int, ...]) -> Callable:
+    """A body's graph through Inductor, the arguments ``rows_args`` row-indexed (NOTE [compiled bodies]);
+    ``counters["bodies_compiled"]`` counts the compiles (the GPU check asserts the bodies it runs compiled)."""
+    from ..report import counters
+
+    compiled = _compat.compile_fx_rows_dynamic(gm, args, rows_args=rows_args)
+    counters["bodies_compiled"] += 1
+    return compiled
+
+
 def _compiled_fn(fn, code: str, args: list, rows: int) -> Callable:
     """Inductor's ``compile_fx`` on a body's graph (no Dynamo: the op runs inside compiled code, where Dynamo
     does not trace), the row count a symbol: one compile per grad mode, autocast, dtypes and set of inputs
@@ -174,7 +184,7 @@ def _compiled_fn(fn, code: str, args: list, rows: int) -> Callable:
         x.device.type) else None, tuple((tuple(a.shape[1:]), a.dtype, a.device.type, a.requires_grad) for a in args))
     compiled_fn = _COMPILED.get(key)
     if compiled_fn is None:
-        compiled = _compat.compile_fx_rows_dynamic(fn, args, rows_args=tuple(range(rows)))
+        compiled = compile_body(fn, args, rows_args=tuple(range(rows)))
 
         def compiled_fn(*a, compiled=compiled):
             out = compiled(*a)

@@ -121,6 +121,22 @@ def test_compiled_bodies_match_op_by_op_and_compile_once(monkeypatch):
     assert not any(n.meta for n in body.graph.nodes)
 
 
+@pytest.mark.slow
+def test_a_body_never_makes_a_cuda_graph_of_its_own():
+    """A body runs inside the caller's compiled code, maybe inside its CUDA graph capture: it compiles with CUDA
+    graphs off even when the process turned them on for everything. On the CPU a requested graph is skipped, and
+    Inductor counts the skip: none is counted."""
+    from torch._dynamo.utils import counters as torch_counters
+
+    gm = torch.fx.symbolic_trace(lambda x: torch.nn.functional.silu(x) * 2)
+    x = torch.randn(6, 8)
+    skips = torch_counters["inductor"]["cudagraph_skips"]
+    with torch._inductor.config.patch({"triton.cudagraphs": True, "fx_graph_cache": False}):
+        fn = registry.compile_body(gm, [x], rows_args=(0,))
+    assert torch_counters["inductor"]["cudagraph_skips"] == skips
+    torch.testing.assert_close(fn(x), gm(x))
+
+
 def test_a_body_that_does_not_compile_runs_op_by_op(monkeypatch, caplog):
     from mst_compile import _compat
 

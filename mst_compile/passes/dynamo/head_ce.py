@@ -134,7 +134,7 @@ def _body(nodes: list[fx.Node], kind: str, dtype: torch.dtype, amp, out_dtype: t
     if not ops:
         return registry.register_cast(out_dtype or dtype, amp, compiled)
     if len(ops) == 1 and _cast_dtype(ops[0]) is not None and out_dtype in (None, _cast_dtype(ops[0])):
-        return registry.register_cast(_cast_dtype(ops[0]), amp)
+        return registry.register_cast(_cast_dtype(ops[0]), amp, compiled)
     g = fx.Graph()
     cur = g.placeholder("z")
     for n in ops:

@@ -243,3 +243,22 @@ def test_fake_kernel_refuses_what_it_does_not_compute():
         for labels in (torch.zeros(8, dtype=torch.int32), torch.zeros(7, dtype=torch.int64), torch.zeros(8, 50)):
             with pytest.raises(RuntimeError, match="mst::linear_ce"):
                 torch.ops.mst.linear_ce(fh, fw, None, mode.from_tensor(labels), spec)
+
+
+@pytest.mark.parametrize("kw", [{}, {"upcast": False}, {"return_logits": True}],
+                         ids=["upcast", "no-upcast", "logits-returned"])  # fmt: skip
+def test_compiled_bodies_reach_the_chunk_cross_entropy(kw):
+    """With ``compile_bodies`` on, a head with no row-wise tail runs each chunk's cross-entropy as Inductor code
+    (NOTE [compiled bodies]), whether the loss reads the logits as they are or after an explicit ``.float()``
+    (HF's form); with it off, op by op. Detection only: no kernel is compiled here."""
+    from mst_compile.ops import registry
+    from mst_compile.ops.spec import HeadSpec, parse
+
+    hs, y = torch.randn(2, 7, 16, requires_grad=True), torch.randint(0, 200, (2, 7))
+    for bodies, compiled in (("always", True), ("never", False)):
+        cfg = mst_compile.MSTConfig(num_chunks=3, compile_bodies=bodies)
+        gm, ctx, _ = rewrite(LMHead(**kw), hs, y, config=cfg)
+        (call,) = _calls(gm)
+        spec = parse(call.args[-1], HeadSpec)
+        post = registry.get(spec.post)
+        assert post.cast_only and post.compiled is compiled, (bodies, post)
