@@ -9,8 +9,8 @@ Prints a table of these rows (each row also as one JSON line the moment it is me
    8K tokens: forward + backward time by CUDA events, median of a few steps, mst vs the same region under
    ``torch.compile``, mst with and without the fp32-output weight-gradient GEMMs (NOTE [weight-gradient
    accumulation]) and with its chunk bodies op by op instead of compiled (NOTE [compiled bodies]), the MLP also
-   in 4 chunks (the CUDA chunk plan leaves a layer of this size whole at these lengths), each row saying whether
-   mst chunked the region;
+   in 4 chunks (the CUDA chunk plan leaves a layer of this size whole at these lengths) and the head in 8 (more
+   than the plan makes), each row saying whether mst chunked the region;
    ``max_memory_allocated`` / ``max_memory_reserved`` of the step above its start.
 
 ``--device cpu --small`` runs the same code on tiny shapes (the suite's smoke test); the numbers mean nothing
@@ -211,6 +211,9 @@ def region_rows(device: str, small: bool, steps: int = 5, lengths: tuple[int, ..
                     "mst, bodies op by op": ("mst", True, {"compile_bodies": "never"})}  # fmt: skip
             if region == "mlp":  # the CUDA plan leaves this layer whole up to ~11K tokens (80 GB): the chunks too
                 arms["mst, 4 chunks"] = ("mst", True, {"chunk_tokens": tokens // 4})
+            else:  # smaller chunks than the plan's (8K: 1024 rows, its CUDA_MIN_ROWS; 1K: 128): what a chunk's
+                # fixed cost, the vocabulary-sized weight-gradient update, adds (NOTE [CUDA chunk plan])
+                arms["mst, 8 chunks"] = ("mst", True, {"chunk_tokens": tokens // 8})
             base_ms = None
             for arm, (backend, fp32_out, opts) in arms.items():
                 check = f"{region} {tokens} tokens: {arm}"
