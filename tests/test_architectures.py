@@ -75,3 +75,23 @@ def test_regression_gpt2_transposed_conv1d_weights_through_inductor():
     assert_close_rel(loss, ref, name="loss")
     for n, g in grads(model).items():
         assert_close_rel(g, ref_g[n], name=n)
+
+
+@pytest.mark.parametrize("name", [*zoo.ARCHS, "nanogpt"])
+def test_compiled_bodies_reach_every_region(name):
+    """With ``compile_bodies`` on (the CUDA default), every chunked region of every architecture runs its chunk
+    body as Inductor code (NOTE [compiled bodies]): each MLP's row-wise middle, and the head's cross-entropy with
+    whatever the model puts between its projection and the loss (HF's ``.float()``, Gemma-2's softcap).
+    Detection only, in bf16 as on a GPU: the passes run, no kernel is compiled."""
+    from mst_compile.ops import registry
+    from mst_compile.ops.spec import HeadSpec, RowwiseSpec, parse
+    from tests.conftest import calls, rewrite
+
+    model = zoo.build(name).to(torch.bfloat16)
+    ids = torch.randint(0, zoo.V, (2, 19), generator=torch.Generator().manual_seed(0))
+    cfg = mst_compile.MSTConfig(num_chunks=3, compile_bodies="always")
+    gm, ctx, _ = rewrite(lambda i: zoo.loss_fn(name, model, i, i), ids, config=cfg)
+    mlps, (head,) = calls(gm, "rowwise"), calls(gm, "linear_ce")
+    assert len(mlps) == zoo.L, [str(r) for r in ctx.regions]
+    assert all(registry.get(parse(n.args[-1], RowwiseSpec).body).compiled for n in mlps)
+    assert registry.get(parse(head.args[-1], HeadSpec).post).compiled
