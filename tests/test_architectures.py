@@ -77,7 +77,7 @@ def test_regression_gpt2_transposed_conv1d_weights_through_inductor():
         assert_close_rel(g, ref_g[n], name=n)
 
 
-@pytest.mark.parametrize("name", [*zoo.ARCHS, "nanogpt"])
+@pytest.mark.parametrize("name", [*zoo.ARCHS, "nanogpt", "opt", "phi", "mixtral"])  # (every AUTO_ARCHS: 1 min)
 def test_compiled_bodies_reach_every_region(name):
     """With ``compile_bodies`` on (the CUDA default), every chunked region of every architecture runs its chunk
     body as Inductor code (NOTE [compiled bodies]): each MLP's row-wise middle, and the head's cross-entropy with
@@ -87,11 +87,15 @@ def test_compiled_bodies_reach_every_region(name):
     from mst_compile.ops.spec import HeadSpec, RowwiseSpec, parse
     from tests.conftest import calls, rewrite
 
-    model = zoo.build(name).to(torch.bfloat16)
-    ids = torch.randint(0, zoo.V, (2, 19), generator=torch.Generator().manual_seed(0))
+    auto = name in zoo.AUTO_ARCHS
+    model = (zoo.build_auto(name) if auto else zoo.build(name)).to(torch.bfloat16)
+    ids = torch.randint(3, zoo.V, (2, 19), generator=torch.Generator().manual_seed(0))
+    fn = (lambda i: model(input_ids=i, labels=i).loss) if auto else (lambda i: zoo.loss_fn(name, model, i, i))
     cfg = mst_compile.MSTConfig(num_chunks=3, compile_bodies="always")
-    gm, ctx, _ = rewrite(lambda i: zoo.loss_fn(name, model, i, i), ids, config=cfg)
-    mlps, (head,) = calls(gm, "rowwise"), calls(gm, "linear_ce")
-    assert len(mlps) == zoo.L, [str(r) for r in ctx.regions]
-    assert all(registry.get(parse(n.args[-1], RowwiseSpec).body).compiled for n in mlps)
+    gm, ctx, _ = rewrite(fn, ids, config=cfg)
+    # (a mixture-of-experts block's body runs op by op: NOTE [compiled bodies] does not apply to it)
+    bodies = [parse(parse(n.args[-1], RowwiseSpec).body) for n in calls(gm, "rowwise")]
+    mlps, (head,) = [b for b in bodies if b.kind == "mlp"], calls(gm, "linear_ce")
+    assert len(mlps) == (zoo.AUTO_ARCHS[name] if auto else zoo.L), [str(r) for r in ctx.regions]
+    assert all(b.compiled for b in mlps)
     assert registry.get(parse(head.args[-1], HeadSpec).post).compiled
