@@ -243,7 +243,7 @@ def test_gpu_check_names_the_rows_its_budget_skips(capsys):
     assert gpu_check.main(["--device", "cpu", "--small", "--budget-s", "0"]) == 0
     out = capsys.readouterr().out
     assert "skipped after the 0 s budget: ['parity llama-tiny bf16-params', 'parity llama-tiny autocast', " in out
-    assert "'head 256 tokens: mst, bodies op by op', 'head 256 tokens: mst, 8 chunks']" in out
+    assert "'head 256 tokens: mst, 8 chunks, bodies op by op']" in out
 
 
 def test_gpu_check_reports_a_failing_row_and_goes_on(monkeypatch, capsys):
@@ -272,7 +272,7 @@ def test_gpu_check_reports_a_failing_row_and_goes_on(monkeypatch, capsys):
 @pytest.mark.slow
 def test_gpu_check_region_rows_run_on_the_cpu():
     """The timing half of the GPU check runs too (tiny shapes, one length): every arm, and the rows say which arm
-    chunked the region (the fixed 4-chunk MLP and 8-chunk head arms do; on these shapes the automatic plan leaves
+    chunked the region (the fixed-chunk arms do, NOTE [fixed-chunk arms]; on these shapes the automatic plan leaves
     both whole)."""
     from mst_compile.bench import gpu_check
     from mst_compile.ops import accumulate
@@ -280,11 +280,13 @@ def test_gpu_check_region_rows_run_on_the_cpu():
     rows = gpu_check.region_rows("cpu", small=True, steps=1, lengths=(256,))
     chunked = {r["check"]: r["chunked"] for r in rows}
     assert chunked == {"mlp 256 tokens: torch.compile": "no", "mlp 256 tokens: mst": "no",
-                       "mlp 256 tokens: mst, no fp32-out GEMM": "no", "mlp 256 tokens: mst, bodies op by op": "no",
-                       "mlp 256 tokens: mst, 4 chunks": "yes", "head 256 tokens: torch.compile": "no",
-                       "head 256 tokens: mst": "no", "head 256 tokens: mst, no fp32-out GEMM": "no",
-                       "head 256 tokens: mst, bodies op by op": "no",
-                       "head 256 tokens: mst, 8 chunks": "yes"}  # fmt: skip
+                       "mlp 256 tokens: mst, 4 chunks": "yes",
+                       "mlp 256 tokens: mst, 4 chunks, no fp32-out GEMM": "yes",
+                       "mlp 256 tokens: mst, 4 chunks, bodies op by op": "yes",
+                       "head 256 tokens: torch.compile": "no", "head 256 tokens: mst": "no",
+                       "head 256 tokens: mst, 8 chunks": "yes",
+                       "head 256 tokens: mst, 8 chunks, no fp32-out GEMM": "yes",
+                       "head 256 tokens: mst, 8 chunks, bodies op by op": "yes"}  # fmt: skip
     assert accumulate.FP32_OUTPUT_GEMM and all(float(r["fwd+bwd ms"]) > 0 for r in rows)
 
 

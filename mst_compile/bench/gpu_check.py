@@ -4,13 +4,12 @@ Prints a table of these rows (each row also as one JSON line the moment it is me
 1. parity in bf16 (bf16 parameters, and fp32 parameters under autocast) of a tiny HF Llama and of a nanoGPT-style
    model: the loss's dtype (equal to eager's), the loss and every gradient against an fp64 run of the same
    weights, mst no further from it than eager (relative error, max |a-b| / max |b|; 1.25x eager's + a floor);
-2. the same with CUDA graphs (``options={"inductor": {"triton.cudagraphs": True}}``);
+2. the same with CUDA graphs (``options={"inductor": {"triton.cudagraphs": True}}``), one precision per model;
 3. one Llama-8B-shaped MLP layer (H=4096, I=14336, SwiGLU) and head + cross-entropy (V=128256) in bf16 at 1K and
    8K tokens: forward + backward time by CUDA events, median of a few steps, mst vs the same region under
-   ``torch.compile``, mst with and without the fp32-output weight-gradient GEMMs (NOTE [weight-gradient
-   accumulation]) and with its chunk bodies op by op instead of compiled (NOTE [compiled bodies]), the MLP also
-   in 4 chunks (the CUDA chunk plan leaves a layer of this size whole at these lengths) and the head in 8 (more
-   than the plan makes), each row saying whether mst chunked the region;
+   ``torch.compile``, mst's own plan, and fixed chunks (the MLP in 4, the head in 8: NOTE [fixed-chunk arms])
+   with and without the fp32-output weight-gradient GEMMs (NOTE [weight-gradient accumulation]) and with the
+   chunk bodies op by op instead of compiled (NOTE [compiled bodies]), each row saying whether mst chunked;
    ``max_memory_allocated`` / ``max_memory_reserved`` of the step above its start.
 
 ``--device cpu --small`` runs the same code on tiny shapes (the suite's smoke test); the numbers mean nothing
@@ -20,8 +19,8 @@ Made for a short lease of a GPU machine, where nothing is installed and every co
 plain checkout on the torch it finds (the ``mst`` backend registered by name when the package's entry point is
 not installed), prints each row as one JSON line the moment it is measured (so a run cut off still reports what
 it finished), each with the seconds it took, and stops starting new rows after ``--budget-s`` seconds (the rows
-it skips are named). Order: parity without CUDA graphs, the regions at 8K then 1K tokens, parity with CUDA
-graphs.
+it skips are named). Order: parity without CUDA graphs, the regions at 8K tokens, parity with CUDA graphs,
+the regions at 1K tokens.
 """
 
 from __future__ import annotations
@@ -131,21 +130,27 @@ def _parity_row(device, tokens, build, loss_fn, precision, cudagraphs) -> dict:
             and mlp > 0 and head > 0 and compiled > 0 and not fell_back and not plain}  # fmt: skip
 
 
-def parity_rows(device: str, small: bool, rows: Rows | None = None, cudagraphs_runs=None) -> Rows:
+PRECISIONS = ("bf16-params", "autocast")
+#: with CUDA graphs, one precision per model (the graphs' code is the same; a short lease has no time for all)
+CUDAGRAPHS_CASES = (("llama-tiny", "bf16-params"), ("nanogpt", "autocast"))
+
+
+def parity_rows(device: str, small: bool, rows: Rows | None = None, cudagraphs: bool = False) -> Rows:
     """mst and eager, each against an fp64 run of the same weights: mst no further from it than eager; with
-    ``cudagraphs_runs`` (default: with and without CUDA graphs on CUDA, without elsewhere)."""
+    ``cudagraphs``, the ``CUDAGRAPHS_CASES`` under CUDA graphs."""
     rows = Rows() if rows is None else rows
     tokens = 64 if small else 1024
-    for cudagraphs in cudagraphs_runs or ((False, True) if device == "cuda" else (False,)):
-        for name, (build, loss_fn) in _parity_models(device, small).items():
-            for precision in ("bf16-params", "autocast"):
-                check = f"parity {name} {precision}" + (" cudagraphs" if cudagraphs else "")
-                if rows.over(check):
-                    continue
-                try:
-                    rows.add({"check": check, **_parity_row(device, tokens, build, loss_fn, precision, cudagraphs)})
-                except Exception as e:  # noqa: BLE001  (one failing row must not cost the others)
-                    rows.add(_failed(check, e))
+    for name, (build, loss_fn) in _parity_models(device, small).items():
+        for precision in PRECISIONS:
+            if cudagraphs and (name, precision) not in CUDAGRAPHS_CASES:
+                continue
+            check = f"parity {name} {precision}" + (" cudagraphs" if cudagraphs else "")
+            if rows.over(check):
+                continue
+            try:
+                rows.add({"check": check, **_parity_row(device, tokens, build, loss_fn, precision, cudagraphs)})
+            except Exception as e:  # noqa: BLE001  (one failing row must not cost the others)
+                rows.add(_failed(check, e))
     return rows
 
 
@@ -206,14 +211,16 @@ def region_rows(device: str, small: bool, steps: int = 5, lengths: tuple[int, ..
         for region, module, call in (("mlp", _MLP(h, i), lambda m: m(x).float().square().mean()),
                                      ("head", _Head(h, v), lambda m: m(x, y))):  # fmt: skip
             module = module.to(device, torch.bfloat16)
-            arms = {"torch.compile": ("inductor", True, None), "mst": ("mst", True, {}),
-                    "mst, no fp32-out GEMM": ("mst", False, {}),
-                    "mst, bodies op by op": ("mst", True, {"compile_bodies": "never"})}  # fmt: skip
-            if region == "mlp":  # the CUDA plan leaves this layer whole up to ~11K tokens (80 GB): the chunks too
-                arms["mst, 4 chunks"] = ("mst", True, {"chunk_tokens": tokens // 4})
-            else:  # smaller chunks than the plan's (8K: 1024 rows, its CUDA_MIN_ROWS; 1K: 128): what a chunk's
-                # fixed cost, the vocabulary-sized weight-gradient update, adds (NOTE [CUDA chunk plan])
-                arms["mst, 8 chunks"] = ("mst", True, {"chunk_tokens": tokens // 8})
+            arms = {"torch.compile": ("inductor", True, None), "mst": ("mst", True, {})}
+            # NOTE [fixed-chunk arms]: at these lengths the CUDA plan leaves the MLP whole (up to ~11K tokens on
+            # 80 GB) and the head whole at 1K, so the variants run on fixed chunks, where they change what runs:
+            # the MLP in 4, the head in 8 (8K: 1024 rows, the plan's CUDA_MIN_ROWS, beside the plan's own; 1K:
+            # 128, what a chunk's fixed cost, the vocabulary-sized weight-gradient update, adds)
+            n = 4 if region == "mlp" else 8
+            fixed = {"chunk_tokens": tokens // n}
+            arms[f"mst, {n} chunks"] = ("mst", True, fixed)
+            arms[f"mst, {n} chunks, no fp32-out GEMM"] = ("mst", False, fixed)
+            arms[f"mst, {n} chunks, bodies op by op"] = ("mst", True, {**fixed, "compile_bodies": "never"})
             base_ms = None
             for arm, (backend, fp32_out, opts) in arms.items():
                 check = f"{region} {tokens} tokens: {arm}"
@@ -297,11 +304,14 @@ def main(argv=None) -> int:
     print(f"mst gpu-check on {name}, torch {torch.__version__}", flush=True)
     print(json.dumps({"setting": _setting(args.device)}), flush=True)
     rows = Rows(args.budget_s, echo=True)
-    parity_rows(args.device, args.small, rows, cudagraphs_runs=(False,))
+    long, short = (512, 256) if args.small else (8192, 1024)
+    parity_rows(args.device, args.small, rows)
     if not args.skip_regions:
-        region_rows(args.device, args.small, rows=rows)
+        region_rows(args.device, args.small, lengths=(long,), rows=rows)
     if args.device == "cuda":
-        parity_rows(args.device, args.small, rows, cudagraphs_runs=(True,))
+        parity_rows(args.device, args.small, rows, cudagraphs=True)
+    if not args.skip_regions:
+        region_rows(args.device, args.small, lengths=(short,), rows=rows)
     print(table([r for r in rows if r["check"].startswith("parity")]), flush=True)
     if not args.skip_regions:
         print(table([r for r in rows if not r["check"].startswith("parity")]), flush=True)
