@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +84,7 @@ def mst_costs(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float3
     """Per-chunk cost of mst's ops over ``rows * chunks`` tokens (SwiGLU MLP; head + cross-entropy), the chunk
     bodies op by op or, with ``compiled``, as Inductor code (the head's cross-entropy where the op compiles it:
     ``linear_ce.compiles_cross_entropy``)."""
-    from ..ops import linear_ce, registry, rowwise
+    from ..ops import fresh_compiled_bodies, linear_ce, registry, rowwise
     from ..ops.chunking import Chunks
     from ..ops.spec import HeadSpec, RowwiseSpec
 
@@ -110,8 +109,7 @@ def mst_costs(rows: int, h: int, i: int, v: int, chunks: int, dtype=torch.float3
         "softcap head forward+backward": (lambda: _kernel(linear_ce.linear_ce)(x, w, None, y, softcap), rows * v),
     }  # fmt: skip
     # bodies compiled earlier in this process were built without the kernels' profiler records: compile afresh
-    with _compat.inductor_config().patch({"cpp.enable_kernel_profile": True}), mock.patch.dict(
-        registry._COMPILED, clear=True), mock.patch.dict(linear_ce._COMPILED_CE, clear=True):  # fmt: skip
+    with _compat.inductor_config().patch({"cpp.enable_kernel_profile": True}), fresh_compiled_bodies():
         for name, (fn, big) in runs.items():
             if compiled:
                 fn()  # the bodies compile on their first call: not a chunk's cost

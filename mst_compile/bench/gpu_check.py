@@ -93,6 +93,7 @@ _PARITY_COUNTERS = ("mlp_rewritten", "head_rewritten", "bodies_compiled", "bodie
 def _parity_row(device, tokens, build, loss_fn, precision, cudagraphs) -> dict:
     import copy
 
+    from ..ops import fresh_compiled_bodies
     from ..report import counters
 
     torch.compiler.reset()
@@ -115,8 +116,9 @@ def _parity_row(device, tokens, build, loss_fn, precision, cudagraphs) -> dict:
         opts["inductor"] = {"triton.cudagraphs": True}
     before = {k: counters[k] for k in _PARITY_COUNTERS}
     cm = torch.compile(model, backend="mst", options=opts)
-    _step(cm, loss_fn, ids, amp)  # warm-up (cudagraphs records on a later call)
-    loss, got = _step(cm, loss_fn, ids, amp)
+    with fresh_compiled_bodies():  # each row compiles the bodies it runs (under CUDA graphs: in the warm-up)
+        _step(cm, loss_fn, ids, amp)  # warm-up (cudagraphs records on a later call)
+        loss, got = _step(cm, loss_fn, ids, amp)
     mlp, head, compiled, fell_back, plain = (counters[k] - before[k] for k in _PARITY_COUNTERS)
     err = {n: (_rel(got[n], ref[n]), _rel(eager[n], ref[n])) for n in ref}
     worst = max(err, key=lambda n: err[n][0] / max(err[n][1], 1e-3))

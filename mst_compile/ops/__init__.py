@@ -1,3 +1,21 @@
 """The chunked custom ops (``torch.ops.mst.*``); importing this package registers them."""
 
-from . import linear_ce, rowwise  # noqa: F401
+import contextlib
+
+from . import linear_ce, registry, rowwise  # noqa: F401
+
+
+@contextlib.contextmanager
+def fresh_compiled_bodies():
+    """Inside, chunk bodies compile afresh (NOTE [compiled bodies]): the process's compiled bodies, and the list of
+    those that failed, are set aside and put back on exit. For measurements of a body's first use (the GPU check:
+    each row compiles what it runs; chunk cost: kernels built with the profiler's records)."""
+    saved = (dict(registry._COMPILED), set(registry._NOT_COMPILABLE), dict(linear_ce._COMPILED_CE))
+    for cache in (registry._COMPILED, registry._NOT_COMPILABLE, linear_ce._COMPILED_CE):
+        cache.clear()
+    try:
+        yield
+    finally:
+        for cache, old in zip((registry._COMPILED, registry._NOT_COMPILABLE, linear_ce._COMPILED_CE), saved):
+            cache.clear()
+            cache.update(old)
