@@ -197,6 +197,11 @@ def _timed(fn, device, steps):
     return statistics.median(times)
 
 
+def _lengths(small: bool) -> tuple[int, int]:
+    """The regions' token counts, long then short: 8K and 1K (512 and 256 with ``small``)."""
+    return (512, 256) if small else (8192, 1024)
+
+
 def region_rows(device: str, small: bool, steps: int = 5, lengths: tuple[int, ...] | None = None,
                 rows: Rows | None = None) -> Rows:  # fmt: skip
     """Forward + backward time and memory of the MLP layer and the head at each of ``lengths`` tokens (8K and 1K;
@@ -206,7 +211,7 @@ def region_rows(device: str, small: bool, steps: int = 5, lengths: tuple[int, ..
 
     h, i, v = (64, 224, 1000) if small else (4096, 14336, 128256)
     rows = Rows() if rows is None else rows
-    for tokens in lengths or ((512, 256) if small else (8192, 1024)):
+    for tokens in lengths or _lengths(small):
         g = torch.Generator(device).manual_seed(0)
         x = torch.randn(1, tokens, h, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
         y = torch.randint(0, v, (1, tokens), device=device, generator=g)
@@ -269,8 +274,9 @@ def table(rows: list[dict]) -> str:
 
 
 def _setting(device: str) -> dict:
-    """What the rows depend on besides the code: the fp32-output GEMM (without it the "no fp32-out GEMM" arm runs
-    the same code as "mst"), Triton's version, and the CUDA chunk plan's per-chunk budget."""
+    """What the rows depend on besides the code: the fp32-output GEMM (without it each "no fp32-out GEMM" arm runs
+    the same code as the fixed-chunk arm beside it), Triton's version, and the CUDA chunk plan's per-chunk
+    budget."""
     from .. import plan
     from ..ops import accumulate
 
@@ -306,7 +312,7 @@ def main(argv=None) -> int:
     print(f"mst gpu-check on {name}, torch {torch.__version__}", flush=True)
     print(json.dumps({"setting": _setting(args.device)}), flush=True)
     rows = Rows(args.budget_s, echo=True)
-    long, short = (512, 256) if args.small else (8192, 1024)
+    long, short = _lengths(args.small)
     parity_rows(args.device, args.small, rows)
     if not args.skip_regions:
         region_rows(args.device, args.small, lengths=(long,), rows=rows)

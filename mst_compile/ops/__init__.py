@@ -10,12 +10,13 @@ def fresh_compiled_bodies():
     """Inside, chunk bodies compile afresh (NOTE [compiled bodies]): the process's compiled bodies, and the list of
     those that failed, are set aside and put back on exit. For measurements of a body's first use (the GPU check:
     each row compiles what it runs; chunk cost: kernels built with the profiler's records)."""
-    saved = (dict(registry._COMPILED), set(registry._NOT_COMPILABLE), dict(linear_ce._COMPILED_CE))
-    for cache in (registry._COMPILED, registry._NOT_COMPILABLE, linear_ce._COMPILED_CE):
-        cache.clear()
+    caches = (registry._COMPILED, registry._NOT_COMPILABLE, linear_ce._COMPILED_CE)
+    saved = [c.copy() for c in caches]
+    for c in caches:
+        c.clear()
     try:
         yield
     finally:
-        for cache, old in zip((registry._COMPILED, registry._NOT_COMPILABLE, linear_ce._COMPILED_CE), saved):
-            cache.clear()
-            cache.update(old)
+        for c, old in zip(caches, saved):
+            c.clear()
+            c.update(old)
