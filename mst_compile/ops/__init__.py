@@ -10,13 +10,10 @@ def fresh_compiled_bodies():
     """Inside, chunk bodies compile afresh (NOTE [compiled bodies]): the process's compiled bodies, and the list of
     those that failed, are set aside and put back on exit. For measurements of a body's first use (the GPU check:
     each row compiles what it runs; chunk cost: kernels built with the profiler's records)."""
-    caches = (registry._COMPILED, registry._NOT_COMPILABLE, linear_ce._COMPILED_CE)
-    saved = [c.copy() for c in caches]
-    for c in caches:
-        c.clear()
+    saved = dict(registry._COMPILED)  # NOTE [one compiled-body cache]
+    registry._COMPILED.clear()
     try:
         yield
     finally:
-        for c, old in zip(caches, saved):
-            c.clear()
-            c.update(old)
+        registry._COMPILED.clear()
+        registry._COMPILED.update(saved)

@@ -198,11 +198,8 @@ def compiles_cross_entropy(logits_dtype: torch.dtype, ce_dtype: torch.dtype) -> 
 
 
 def ce_key(z, y, ignore_index: int, eps: float) -> tuple:
-    """What one compiled chunk cross-entropy serves (the row count is a symbol)."""
-    return (z.dtype, z.device.type, z.shape[1], y.dtype, ignore_index, float(eps))
-
-
-_COMPILED_CE: dict = {}
+    """What one compiled chunk cross-entropy serves (the row count is a symbol; NOTE [one compiled-body cache])."""
+    return ("cross_entropy", z.dtype, z.device.type, z.shape[1], y.dtype, ignore_index, float(eps))
 
 
 def compiled_cross_entropy(z, y, ignore_index: int, eps: float, grad: bool):
@@ -212,18 +209,15 @@ def compiled_cross_entropy(z, y, ignore_index: int, eps: float, grad: bool):
     dtype, vocabulary, ``ignore_index`` and smoothing, the row count a symbol. Falls back to the in-place path."""
     key = ce_key(z, y, ignore_index, eps)
     into = z.dtype == torch.float32
-    fn = _COMPILED_CE.get(key)
-    if fn is None and key not in _COMPILED_CE:
-        try:
-            body = _chunk_cross_entropy_into if into else _chunk_cross_entropy
-            f = functools.partial(body, ignore_index=ignore_index, eps=float(eps), vocab=z.shape[1])
-            gm = torch.fx.symbolic_trace(lambda z, y: f(z, y))
-            with torch.no_grad():
-                compiled = registry.compile_body(gm, [z, y], rows_args=(0, 1))
-            fn = _COMPILED_CE[key] = compiled
-        except Exception as e:  # noqa: BLE001 - a missed fusion, never a failed step
-            registry.body_not_compiled("the chunk cross-entropy could not be compiled", e)
-            fn = _COMPILED_CE[key] = None
+
+    def make():
+        body = _chunk_cross_entropy_into if into else _chunk_cross_entropy
+        f = functools.partial(body, ignore_index=ignore_index, eps=float(eps), vocab=z.shape[1])
+        gm = torch.fx.symbolic_trace(lambda z, y: f(z, y))
+        with torch.no_grad():
+            return registry.compile_body(gm, [z, y], rows_args=(0, 1))
+
+    fn = registry.cached_compile(key, make, "the chunk cross-entropy could not be compiled")
     if fn is not None:
         try:
             with torch.no_grad():
@@ -231,8 +225,7 @@ def compiled_cross_entropy(z, y, ignore_index: int, eps: float, grad: bool):
             loss, g = (out[0], z) if into else out
             return loss, (g if grad else None)
         except Exception as e:  # noqa: BLE001 - as a compile failure: a missed fusion, never a failed step
-            registry.body_not_compiled("the compiled chunk cross-entropy failed to run", e)
-            _COMPILED_CE[key] = None
+            registry.compile_failed(key, "the compiled chunk cross-entropy failed to run", e)
     return fused_cross_entropy(z.float(), y, ignore_index, eps, grad)
 
 

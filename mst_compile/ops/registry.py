@@ -73,12 +73,15 @@ class Body:
 
     def _run(self, fn, code: str, args: list, rows: int):
         """``fn(*args)``; compiled, the first ``rows`` arguments row-indexed (their dimension 0 a symbol)."""
-        if self.compiled and code not in _NOT_COMPILABLE and args[0].shape[0] > 1:
-            try:
-                return _compiled_fn(fn, code, args, rows)(*args)
-            except Exception as e:  # noqa: BLE001 - a missed fusion, never a failed step
-                _NOT_COMPILABLE.add(code)
-                body_not_compiled("a chunk body could not be compiled, running it op by op", e)
+        if self.compiled and args[0].shape[0] > 1:
+            key = _body_key(code, args)
+            compiled = cached_compile(key, lambda: _boxed(compile_body(fn, args, rows_args=tuple(range(rows)))),
+                                      "a chunk body could not be compiled, running it op by op")  # fmt: skip
+            if compiled is not None:
+                try:
+                    return compiled(*args)
+                except Exception as e:  # noqa: BLE001 - a missed fusion, never a failed step
+                    compile_failed(key, "a compiled chunk body failed to run, running it op by op", e)
         return fn(*args)
 
     @functools.cached_property
@@ -151,8 +154,11 @@ def no_autocast(device_type: str | None = None) -> contextlib.ExitStack:
     return stack
 
 
-_COMPILED: dict[tuple, Callable] = {}
-_NOT_COMPILABLE: set[str] = set()
+# NOTE [one compiled-body cache]: every compiled body of the process (a row-wise body per grad mode, autocast and
+# input signature; a chunk cross-entropy per dtype, vocabulary and loss settings) lives in ``_COMPILED``, keyed by
+# what it serves, the row count a symbol. ``None`` marks a key whose compile or run failed: it runs op by op from
+# then on, and is not compiled again (one warning, ``counters["bodies_not_compiled"]``).
+_COMPILED: dict[tuple, Callable | None] = {}
 
 
 def body_not_compiled(what: str, e: BaseException) -> None:
@@ -175,25 +181,44 @@ def compile_body(gm, args: list, rows_args: tuple[int, ...]) -> Callable:
     return compiled
 
 
-def _compiled_fn(fn, code: str, args: list, rows: int) -> Callable:
-    """Inductor's ``compile_fx`` on a body's graph (no Dynamo: the op runs inside compiled code, where Dynamo
-    does not trace), the row count a symbol: one compile per grad mode, autocast, dtypes and set of inputs
-    needing a gradient, shared by every chunk size and by the same body in every layer."""
+def cached_compile(key: tuple, make: Callable[[], Callable], what: str) -> Callable | None:
+    """The compiled body for ``key`` (NOTE [one compiled-body cache]): ``make()`` on first use; ``None`` when it
+    failed, now or before (``what`` says what failed, in the warning)."""
+    if key not in _COMPILED:
+        try:
+            _COMPILED[key] = make()
+        except Exception as e:  # noqa: BLE001 - a missed fusion, never a failed step
+            compile_failed(key, what, e)
+    return _COMPILED[key]
+
+
+def compile_failed(key: tuple, what: str, e: BaseException) -> None:
+    """The compiled body for ``key`` failed (to compile or to run): op by op from now on."""
+    _COMPILED[key] = None
+    body_not_compiled(what, e)
+
+
+def _body_key(code: str, args: list) -> tuple:
+    """What one compiled row-wise body serves (Inductor's ``compile_fx`` on the body's graph, no Dynamo: the op
+    runs inside compiled code, where Dynamo does not trace): its code, grad mode, autocast, and its inputs'
+    dtypes, devices, row shapes and which need a gradient; shared by every chunk size and by the same body in
+    every layer."""
     x = args[0]
-    key = (code, torch.is_grad_enabled(), torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(
-        x.device.type) else None, tuple((tuple(a.shape[1:]), a.dtype, a.device.type, a.requires_grad) for a in args))
-    compiled_fn = _COMPILED.get(key)
-    if compiled_fn is None:
-        compiled = compile_body(fn, args, rows_args=tuple(range(rows)))
+    amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    return (code, torch.is_grad_enabled(), amp,
+            tuple((tuple(a.shape[1:]), a.dtype, a.device.type, a.requires_grad) for a in args))  # fmt: skip
 
-        def compiled_fn(*a, compiled=compiled):
-            out = compiled(*a)
-            if isinstance(out, (list, tuple)):  # compile_fx returns the outputs boxed
-                return out[0] if len(out) == 1 else tuple(out)
-            return out
 
-        _COMPILED[key] = compiled_fn
-    return compiled_fn
+def _boxed(compiled: Callable) -> Callable:
+    """``compile_fx`` returns the outputs boxed: one output unboxed, several as a tuple."""
+
+    def fn(*a):
+        out = compiled(*a)
+        if isinstance(out, (list, tuple)):
+            return out[0] if len(out) == 1 else tuple(out)
+        return out
+
+    return fn
 
 
 def register(

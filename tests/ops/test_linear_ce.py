@@ -88,8 +88,8 @@ def test_compiled_chunk_cross_entropy_matches_the_in_place_one(eps):
     specs = [_spec(pre, registry.register_cast(torch.bfloat16, None, compiled), label_smoothing=eps, chunks=Chunks(3),
                    needs=(True, True, False)) for compiled in (False, True)]  # fmt: skip
     outs = [torch.ops.mst.linear_ce(x, w, None, y, spec) for spec in specs]
-    keys = [k for k in mod._COMPILED_CE if k[-1] == eps]
-    assert len(keys) == 1 and mod._COMPILED_CE[keys[0]] is not None  # compiled once for the 3 chunks
+    keys = [k for k in registry._COMPILED if k[0] == "cross_entropy" and k[-1] == eps]
+    assert len(keys) == 1 and registry._COMPILED[keys[0]] is not None  # compiled once for the 3 chunks
     for i in (0, 2, 3):  # loss, dh, dw
         a, b = outs[1][i].double(), outs[0][i].double()
         assert ((a - b).abs().max() / b.abs().max()).item() < 2**-8, i  # one bf16 rounding step
@@ -106,10 +106,10 @@ def test_a_compiled_chunk_cross_entropy_that_fails_to_run_falls_back(monkeypatch
     def broken(z, y):
         raise AssertionError("expected size 17==32")
 
-    monkeypatch.setitem(mod._COMPILED_CE, key, broken)
+    monkeypatch.setitem(registry._COMPILED, key, broken)
     loss, g = mod.compiled_cross_entropy(z, y, -100, 0.0, True)
     ref_loss, ref_g = mod.fused_cross_entropy(z.float(), y, -100, 0.0, True)
-    assert mod._COMPILED_CE[key] is None
+    assert registry._COMPILED[key] is None
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(g, ref_g)
 
@@ -130,7 +130,7 @@ def test_compiled_fp32_chunk_cross_entropy_writes_the_gradient_over_the_logits(e
         assert g.data_ptr() == zc.data_ptr()
         torch.testing.assert_close(loss, ref_loss)
         torch.testing.assert_close(g, ref_g)
-    assert mod._COMPILED_CE[mod.ce_key(z, y, -100, eps)] is not None
+    assert registry._COMPILED[mod.ce_key(z, y, -100, eps)] is not None
 
 
 def test_every_chunk_writes_its_logits_into_one_buffer():
@@ -194,7 +194,8 @@ def test_a_compiled_tail_matches_op_by_op_and_compiles_once(want_logits, eps):
     for i in (0, 2, 3) + ((5,) if want_logits else ()):  # loss, dh, dw, the logits (fp32: the fusion's order)
         assert_close_rel(got[i], ref[i], rtol=1e-5, name=str(i))
     key = next(k for k in mod._TAILS if k[2:] == (-100, eps, want_logits))
-    assert mod._TAILS[key].code not in registry._NOT_COMPILABLE
+    compiled = [fn for k, fn in registry._COMPILED.items() if k[0] == mod._TAILS[key].code]
+    assert compiled and None not in compiled
 
 
 def test_a_tail_that_does_not_compile_runs_op_by_op(monkeypatch, caplog):

@@ -144,7 +144,7 @@ def test_a_body_that_does_not_compile_runs_op_by_op(monkeypatch, caplog):
         raise RuntimeError("injected compile failure")
 
     monkeypatch.setattr(_compat, "compile_fx_rows_dynamic", broken)
-    monkeypatch.setattr(registry, "_NOT_COMPILABLE", set())
+    monkeypatch.setattr(registry, "_COMPILED", {})
     fused = registry.register("mlp", _swiglu_body(F.gelu), 16, torch.float32, exit_w=2, compiled=True)
     eager = registry.register("mlp", _swiglu_body(F.gelu), 16, torch.float32, exit_w=2)
     with caplog.at_level("WARNING", logger="mst_compile"):
