@@ -77,8 +77,6 @@ def test_compiled_chunk_cross_entropy_matches_the_in_place_one(eps):
     """NOTE [compiled bodies]: the head's chunk cross-entropy as Inductor code (bf16 logits), one compile for
     every chunk size (301 rows: chunks of 101 and 100 rows, the labels' rows as dynamic as the logits'), the same
     loss and gradients as the in-place path to bf16 rounding."""
-    from mst_compile.ops import linear_ce as mod
-
     torch.manual_seed(0)
     n, h, v = 301, 32, 1000
     x, w = torch.randn(n, h).bfloat16(), (torch.randn(v, h) * 0.1).bfloat16()
