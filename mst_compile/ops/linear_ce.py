@@ -268,7 +268,7 @@ def _tail_body(pre, post, ignore_index: int, eps: float, want_logits: bool) -> r
             return (lg, loss) if want_logits else loss
 
         gm = torch.fx.symbolic_trace(tail)
-        body = _TAILS[key] = registry.Body(gm, -1, None, gm.code, autocast=pre.autocast, compiled=True)
+        body = _TAILS[key] = registry.Body(gm, -1, None, gm.code, autocast=pre.autocast, compiled=True, kind="tail")
     return body
 
 

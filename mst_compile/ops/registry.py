@@ -9,6 +9,7 @@ the body's content, never a counter, so two processes that produce the same grap
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -65,6 +66,7 @@ class Body:
     # op; the loop, the GEMM issued for the exit projection and the in-place weight-gradient accumulation stay
     # the op's (NOTE [opaque chunk loops]). A compile or run failure falls back to ``fn`` with one warning.
     compiled: bool = False
+    kind: str = ""  # the spec's kind (``mlp``, ``post``, ...): the compiled bodies are counted by it
 
     def run(self, *args, rows: int = 1):
         """``fn(*args)``, compiled when the body says so (NOTE [compiled bodies]); the first ``rows`` arguments
@@ -74,7 +76,7 @@ class Body:
     def _run(self, fn, code: str, args: list, rows: int):
         """``fn(*args)``; compiled, the first ``rows`` arguments row-indexed (their dimension 0 a symbol)."""
         if self.compiled and args[0].shape[0] > 1:
-            key = _body_key(code, args)
+            key = _body_key(self.kind, code, args)
             compiled = cached_compile(key, lambda: _boxed(compile_body(fn, args, rows_args=tuple(range(rows)))),
                                       "a chunk body could not be compiled, running it op by op")  # fmt: skip
             if compiled is not None:
@@ -198,15 +200,21 @@ def compile_failed(key: tuple, what: str, e: BaseException) -> None:
     body_not_compiled(what, e)
 
 
-def _body_key(code: str, args: list) -> tuple:
+def _body_key(kind: str, code: str, args: list) -> tuple:
     """What one compiled row-wise body serves (Inductor's ``compile_fx`` on the body's graph, no Dynamo: the op
     runs inside compiled code, where Dynamo does not trace): its code, grad mode, autocast, and its inputs'
     dtypes, devices, row shapes and which need a gradient; shared by every chunk size and by the same body in
-    every layer."""
+    every layer. The kind comes first (:func:`compiled_kinds`)."""
     x = args[0]
     amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-    return (code, torch.is_grad_enabled(), amp,
+    return (kind, code, torch.is_grad_enabled(), amp,
             tuple((tuple(a.shape[1:]), a.dtype, a.device.type, a.requires_grad) for a in args))  # fmt: skip
+
+
+def compiled_kinds() -> collections.Counter:
+    """How many compiled bodies of each kind the process holds and runs (NOTE [one compiled-body cache]): the
+    first field of their keys, ``cross_entropy`` for the head's chunk cross-entropy; failed ones not counted."""
+    return collections.Counter(key[0] for key, fn in _COMPILED.items() if fn is not None)
 
 
 def _boxed(compiled: Callable) -> Callable:
@@ -236,7 +244,7 @@ def register(
     spec = BodySpec(kind, VERSION, out_features, dtype_name(out_dtype), exit_w, exit_b, amp_field(autocast), compiled,
                     graph=pickle_graph(gm))  # fmt: skip
     return _add(spec, lambda: Body(gm, out_features, out_dtype, gm.code, exit_w=exit_w, exit_b=exit_b,
-                                   autocast=autocast, compiled=compiled))  # fmt: skip
+                                   autocast=autocast, compiled=compiled, kind=kind))  # fmt: skip
 
 
 def _add(spec: BodySpec, make: Callable[[], Body]) -> str:
@@ -278,7 +286,7 @@ def _build(spec: BodySpec, text: str) -> Body:
             "process (registry.register_fn) and cannot be rebuilt here; register it in this process first."
         )
     return Body(fn, spec.out_features, spec.dtype, code, cast_only=spec.cast_only, exit_w=spec.exit_w,
-                exit_b=spec.exit_b, autocast=spec.amp, compiled=spec.compiled)  # fmt: skip
+                exit_b=spec.exit_b, autocast=spec.amp, compiled=spec.compiled, kind=spec.kind)  # fmt: skip
 
 
 def register_fn(
@@ -288,7 +296,8 @@ def register_fn(
     process (NOTE [body spec])."""
     spec = BodySpec(kind, VERSION, out_features, dtype_name(out_dtype), exit_w, exit_b, amp_field(autocast), name=name)
     text = spec.dumps()
-    _BODIES[text] = Body(fn, out_features, out_dtype, name, exit_w=exit_w, exit_b=exit_b, autocast=autocast)
+    _BODIES[text] = Body(fn, out_features, out_dtype, name, exit_w=exit_w, exit_b=exit_b, autocast=autocast,
+                         kind=kind)  # fmt: skip
     return text
 
 
