@@ -239,3 +239,13 @@ def aot_cache_refusal(gm) -> str | None:
         except BypassAOTAutogradCache as e:
             return f"{n.format_node()}: {e}"
     return None
+
+
+def static_input_indices(gm) -> list[int] | None:
+    """The inputs of a Dynamo graph that AOTAutograd takes as static (parameters and buffers: CUDA graphs do not
+    copy them into their pool on each replay), as AOTAutograd reads them from the graph's Dynamo metadata;
+    ``None`` when ``gm`` carries none (AOTAutograd then takes every input as one to copy)."""
+    from torch._functorch._aot_autograd.frontend_utils import _try_get_metadata_from_dynamo
+
+    sources, static = _try_get_metadata_from_dynamo(gm, {}.keys(), len(gm.graph.find_nodes(op="placeholder")), [])
+    return None if sources is None else static

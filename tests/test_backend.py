@@ -498,3 +498,30 @@ def test_a_pack_hook_that_reads_storage_does_not_see_compile_time_tensors(llama)
     assert saved  # the hook ran, on the compiled step's real tensors
     assert mst_compile.counters["mlp_rewritten"] == 2
     _check(llama, ref, got)
+
+
+def test_the_rewritten_graph_keeps_dynamos_static_inputs(monkeypatch):
+    """NOTE [Dynamo's graph metadata]: the graph mst hands to Inductor marks the same inputs static as Dynamo's
+    (the weights): under CUDA graphs (``mode="reduce-overhead"``) an input not marked is copied into the graph's
+    pool on every replay, a second copy of every weight, and a chunk body keyed on its inputs would compile again
+    inside the capture."""
+    from mst_compile import _compat
+    from mst_compile.backend import mst_backend
+
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["dynamo"] = _compat.static_input_indices(gm)
+        return mst_backend(gm, example_inputs, options={"num_chunks": 2})
+
+    def compile_fx(gm, example_inputs, config_patches=None):  # what Inductor would be given; run by aot_eager
+        seen["mst"] = _compat.static_input_indices(gm)
+        return _compat.lookup_backend("aot_eager")(gm, example_inputs)
+
+    monkeypatch.setattr(_compat, "compile_fx", compile_fx)
+    torch._dynamo.reset()
+    mst_compile.reset_counters()
+    model = Block(GatedMLP())
+    torch.compile(model, backend=backend)(torch.randn(2, 6, 16)).sum().backward()
+    assert mst_compile.counters["mlp_rewritten"] >= 1
+    assert seen["dynamo"] and seen["mst"] == seen["dynamo"], seen

@@ -246,6 +246,23 @@ def test_gpu_check_names_the_rows_its_budget_skips(capsys):
     assert "'head 256 tokens: mst, 8 chunks, bodies op by op']" in out
 
 
+def test_gpu_check_starts_no_row_the_longest_so_far_would_carry_past_its_budget(monkeypatch):
+    """The budget counts from the process's start, and a row is not started when one as long as the longest so
+    far would end past it (a row is never cut off: a long row begun near the end would overrun the lease)."""
+    from mst_compile.bench import gpu_check
+
+    assert 0 < gpu_check._process_age() < 3600
+    now = [100.0]
+    monkeypatch.setattr(gpu_check.time, "perf_counter", lambda: now[0])
+    rows = gpu_check.Rows(budget_s=30, start=95.0)  # the process started 5 s before
+    assert not rows.over("a")
+    now[0] = 110.0
+    rows.add({"check": "a", "ok": True})  # 10 s: 15 s in, 25 s expected with the next row
+    assert not rows.over("b")
+    now[0] = 116.0
+    assert rows.over("b") and rows.skipped == ["b"]  # 21 s in: a 10 s row would end at 31 s
+
+
 def test_gpu_check_reports_a_failing_row_and_goes_on(monkeypatch, capsys):
     """One row raising (an out-of-memory, a compile error) is a failed row in the table, and the rows after it
     still run: a short lease of a GPU is not lost to the first error."""

@@ -163,14 +163,17 @@ def no_autocast(device_type: str | None = None) -> contextlib.ExitStack:
 _COMPILED: dict[tuple, Callable | None] = {}
 
 
-def body_not_compiled(what: str, e: BaseException) -> None:
-    """A compiled body (NOTE [compiled bodies]) that failed to compile or run: one warning, and
-    ``counters["bodies_not_compiled"]`` (the GPU check reports it: a torch whose Inductor rejects a body runs it
-    op by op, and its timings are of that)."""
+def body_not_compiled(what: str, e: BaseException | None = None) -> None:
+    """A compiled body (NOTE [compiled bodies]) that failed to compile or run, or could not be compiled then: one
+    warning, and ``counters["bodies_not_compiled"]`` (the GPU check reports it: a torch whose Inductor rejects a
+    body runs it op by op, and its timings are of that)."""
     from ..report import counters
 
     counters["bodies_not_compiled"] += 1
-    log.warning("mst: %s: %s: %s", what, type(e).__name__, e)
+    if e is None:
+        log.warning("mst: %s", what)
+    else:
+        log.warning("mst: %s: %s: %s", what, type(e).__name__, e)
 
 
 def compile_body(gm, args: list, rows_args: tuple[int, ...]) -> Callable:
@@ -187,11 +190,25 @@ def cached_compile(key: tuple, make: Callable[[], Callable], what: str) -> Calla
     """The compiled body for ``key`` (NOTE [one compiled-body cache]): ``make()`` on first use; ``None`` when it
     failed, now or before (``what`` says what failed, in the warning)."""
     if key not in _COMPILED:
+        if _capturing():  # NOTE [no compile in a capture]
+            body_not_compiled(f"{what}: first met inside a CUDA graph capture, it runs op by op there")
+            return None
         try:
             _COMPILED[key] = make()
         except Exception as e:  # noqa: BLE001 - a missed fusion, never a failed step
             compile_failed(key, what, e)
     return _COMPILED[key]
+
+
+# NOTE [no compile in a capture]: a body first met while a CUDA graph is being captured is not compiled there
+# (a compile may load modules, autotune and synchronize, which a capture forbids): that call runs op by op, and
+# the key stays free for a later call outside the capture. It does not happen when each body ran in the warm-up
+# (CUDA graphs record on a later call) with the same key, which NOTE [Dynamo's graph metadata] and the key's
+# grad-mode rule (:func:`_body_key`) keep so.
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def compile_failed(key: tuple, what: str, e: BaseException) -> None:
@@ -204,11 +221,14 @@ def _body_key(kind: str, code: str, args: list) -> tuple:
     """What one compiled row-wise body serves (Inductor's ``compile_fx`` on the body's graph, no Dynamo: the op
     runs inside compiled code, where Dynamo does not trace): its code, grad mode, autocast, and its inputs'
     dtypes, devices, row shapes and which need a gradient; shared by every chunk size and by the same body in
-    every layer. The kind comes first (:func:`compiled_kinds`)."""
+    every layer. The kind comes first (:func:`compiled_kinds`). Which inputs need a gradient counts only under
+    grad mode: a forward without it compiles the same code either way (and under CUDA graphs the inputs it
+    records with may be copies that need none, NOTE [no compile in a capture])."""
     x = args[0]
     amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-    return (kind, code, torch.is_grad_enabled(), amp,
-            tuple((tuple(a.shape[1:]), a.dtype, a.device.type, a.requires_grad) for a in args))  # fmt: skip
+    grad = torch.is_grad_enabled()
+    return (kind, code, grad, amp,
+            tuple((tuple(a.shape[1:]), a.dtype, a.device.type, grad and a.requires_grad) for a in args))  # fmt: skip
 
 
 def compiled_kinds() -> collections.Counter:

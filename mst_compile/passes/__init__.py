@@ -46,12 +46,28 @@ def dynamo_modules() -> list:
     return [sys.modules[__name__], shared, dynamo, *(importlib.import_module(f"{dynamo.__name__}.{m}") for m in subs)]
 
 
+# NOTE [Dynamo's graph metadata]: AOTAutograd reads which inputs of a graph are static (the parameters and
+# buffers) from what Dynamo put on it: ``meta["dynamo_compile_id"]``, ``_param_name_to_source`` and each
+# placeholder's ``_dynamo_source``. A copy made without them is taken for a graph from elsewhere, with no static
+# input: CUDA graphs then copy every weight into their pool on each replay (a second copy of the model), and
+# the weights they pass on are those copies, which need no gradient. So the copy carries them over.
+
+
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule over copies of ``gm``'s graph and of its nested subgraphs (node metadata shared), so
-    a rewrite that fails half-way leaves the original untouched."""
+    a rewrite that fails half-way leaves the original untouched; Dynamo's metadata goes with it (NOTE [Dynamo's
+    graph metadata])."""
     g = fx.Graph()
-    g.output(g.graph_copy(gm.graph, {}))
+    copies: dict[fx.Node, fx.Node] = {}
+    g.output(g.graph_copy(gm.graph, copies))
     new = fx.GraphModule(gm, g)
+    new.meta.update(gm.meta)
+    for attr in ("_param_name_to_source", "_source_to_user_stacks", "_backend_id"):
+        if hasattr(gm, attr):
+            setattr(new, attr, getattr(gm, attr))
+    for old, copy in copies.items():
+        if old.op == "placeholder" and hasattr(old, "_dynamo_source"):
+            copy._dynamo_source = old._dynamo_source
     for name, sub in gm.named_children():
         if isinstance(sub, fx.GraphModule):
             setattr(new, name, copy_graph_module(sub))

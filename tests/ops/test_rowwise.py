@@ -189,3 +189,50 @@ def test_autocast_casts_each_weight_once_per_call_not_per_chunk(key):
         if key != "generic":
             ref = F.linear(ref, ps[2])
     assert_close_rel(out[0].float(), ref.float(), rtol=1e-2)
+
+
+def _counting_compiles(monkeypatch) -> list:
+    """Compiles recorded, not run: each body's graph stands for its compiled code (no C++ compile)."""
+    from mst_compile import _compat
+
+    made = []
+
+    def compile_fx_rows_dynamic(gm, args, rows_args=(0,)):
+        made.append([a.requires_grad for a in args])
+        return gm
+
+    monkeypatch.setattr(_compat, "compile_fx_rows_dynamic", compile_fx_rows_dynamic)
+    monkeypatch.setattr(registry, "_COMPILED", {})
+    return made
+
+
+def test_a_forward_compiles_once_whether_or_not_its_weights_need_a_gradient(monkeypatch):
+    """A forward runs without grad mode: whether its inputs need a gradient does not change its code, so it does
+    not change its key either. Under CUDA graphs the weights a forward records with can be copies that need none
+    (NOTE [no compile in a capture]): a key with them would compile again inside the capture."""
+    made = _counting_compiles(monkeypatch)
+    fused = registry.register("mlp", _swiglu_body(), 16, torch.float32, exit_w=2, compiled=True)
+    x = torch.randn(12, 16)
+    ps = [torch.randn(48, 16).requires_grad_(), torch.randn(48, 16).requires_grad_(), torch.randn(16, 48)]
+    outs = [torch.ops.mst.rowwise(x, list(p), rowwise_spec(fused, 3)) for p in (ps, [p.detach() for p in ps])]
+    torch.testing.assert_close(outs[0], outs[1])
+    assert len(made) == 1, made
+
+
+def test_a_body_first_met_inside_a_cuda_graph_capture_runs_op_by_op(monkeypatch):
+    """NOTE [no compile in a capture]: no compile while a capture runs; that call runs op by op and says so, and
+    the body compiles at its next call outside the capture."""
+    from mst_compile.report import counters
+
+    made = _counting_compiles(monkeypatch)
+    fused = registry.register("mlp", _swiglu_body(), 16, torch.float32, exit_w=2, compiled=True)
+    eager = registry.register("mlp", _swiglu_body(), 16, torch.float32, exit_w=2)
+    before = counters["bodies_not_compiled"]
+    monkeypatch.setattr(registry, "_capturing", lambda: True)
+    ref = _rowwise_step(eager, 20, 2)
+    for a, b in zip(_rowwise_step(fused, 20, 2), ref):
+        torch.testing.assert_close(a, b)
+    assert made == [] and not registry._COMPILED and counters["bodies_not_compiled"] == before + 4  # each chunk, fwd and bwd
+    monkeypatch.setattr(registry, "_capturing", lambda: False)
+    _rowwise_step(fused, 20, 2)
+    assert len(made) == 2 and all(registry._COMPILED.values())
