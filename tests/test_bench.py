@@ -263,6 +263,19 @@ def test_gpu_check_starts_no_row_the_longest_so_far_would_carry_past_its_budget(
     assert rows.over("b") and rows.skipped == ["b"]  # 21 s in: a 10 s row would end at 31 s
 
 
+def test_a_gpu_check_row_whose_bodies_fell_back_is_not_ok():
+    """A row during which a compiled body fell back to op by op neither checked nor timed the code it names."""
+    from mst_compile.bench import gpu_check
+    from mst_compile.report import counters
+
+    rows = gpu_check.Rows()
+    rows.add({"check": "a", "ok": True})
+    counters["bodies_not_compiled"] += 1
+    rows.add({"check": "b", "ok": True})
+    rows.add({"check": "c", "ok": True})
+    assert [(r["bodies not compiled"], r["ok"]) for r in rows] == [(0, True), (1, False), (0, True)]
+
+
 def test_gpu_check_reports_a_failing_row_and_goes_on(monkeypatch, capsys):
     """One row raising (an out-of-memory, a compile error) is a failed row in the table, and the rows after it
     still run: a short lease of a GPU is not lost to the first error."""

@@ -19,9 +19,9 @@ there.
 Made for a short lease of a GPU machine, where nothing is installed and every compile is cold: it runs from a
 plain checkout on the torch it finds (the ``mst`` backend registered by name when the package's entry point is
 not installed), prints each row as one JSON line the moment it is measured (so a run cut off still reports what
-it finished), each with the seconds it took, and starts no row that would end past ``--budget-s`` seconds from the
-process's start, were it as long as the longest row so far (the rows it skips are named). Order: parity without CUDA graphs, the regions at 8K tokens, parity with CUDA graphs,
-the regions at 1K tokens.
+it finished), each with the seconds it took, and starts no row that would end past ``--budget-s`` seconds from
+the process's start, were it as long as the longest row so far (the rows it skips are named). Order: parity
+without CUDA graphs, the regions at 8K tokens, parity with CUDA graphs, the regions at 1K tokens.
 """
 
 from __future__ import annotations
@@ -81,9 +81,10 @@ def _process_age() -> float:
 
 class Rows(list):
     """The rows measured so far. ``add`` records one (with its seconds and how many compiled bodies fell back to
-    op by op while it ran) and, with ``echo``, prints it as one JSON line at once. ``over`` is true when the
-    longest row so far would end past ``budget_s`` seconds from ``start`` (default: now), and names the row not
-    started in ``skipped``: a row is not cut off, so the budget stops the check before it would run over."""
+    op by op while it ran: a row with any is not ok) and, with ``echo``, prints it as one JSON line at once.
+    ``over`` is true when the longest row so far would end past ``budget_s`` seconds from ``start`` (default:
+    now), and names the row not started in ``skipped``: a row is not cut off, so the budget stops the check
+    before it would run over."""
 
     def __init__(self, budget_s: float = float("inf"), echo: bool = False, start: float | None = None):
         super().__init__()
@@ -103,8 +104,11 @@ class Rows(list):
 
     def add(self, row: dict) -> None:
         now, not_compiled = time.perf_counter(), _not_compiled()
-        # a body this torch's Inductor rejected runs op by op from then on (NOTE [compiled bodies])
-        row = {**row, "s": f"{now - self.last:.0f}", "bodies not compiled": not_compiled - self.not_compiled}
+        # a body this torch's Inductor rejected runs op by op from then on (NOTE [compiled bodies]): the row
+        # did not check, or time, the code it names
+        fell_back = not_compiled - self.not_compiled
+        row = {**row, "s": f"{now - self.last:.0f}", "bodies not compiled": fell_back,
+               "ok": row["ok"] and not fell_back}  # fmt: skip
         self.longest = max(self.longest, now - self.last)
         self.last, self.not_compiled = now, not_compiled
         self.append(row)
@@ -114,7 +118,7 @@ class Rows(list):
 
 #: the kinds of compiled body that run the head's chunks: its cross-entropy, and a row-wise tail (softcap) with it
 _HEAD_KINDS = ("cross_entropy", "tail", "pre", "post")
-_PARITY_COUNTERS = ("mlp_rewritten", "head_rewritten", "bodies_compiled", "bodies_not_compiled", "fallback_compile")
+_PARITY_COUNTERS = ("mlp_rewritten", "head_rewritten", "bodies_compiled", "fallback_compile")
 
 
 def _parity_row(device, tokens, build, loss_fn, precision, cudagraphs) -> dict:
@@ -138,8 +142,8 @@ def _parity_row(device, tokens, build, loss_fn, precision, cudagraphs) -> dict:
     # NOTE [parity runs the chunks]: at these lengths the CUDA plan leaves every region whole, which would check
     # Inductor, not mst. The parity rows fix a chunk size with a ragged tail (3 chunks: 3/8, 3/8, 2/8 of the
     # tokens) and compile the chunk bodies on every device. A row is not ok unless both the MLP and the head were
-    # chunked, each ran a compiled body (``registry.compiled_kinds``) and none fell back to op by op, and the
-    # rewritten graph itself compiled (no plain-Inductor fallback).
+    # chunked, each ran a compiled body (``registry.compiled_kinds``) and none fell back to op by op (``Rows.add``),
+    # and the rewritten graph itself compiled (no plain-Inductor fallback).
     opts = {"chunk_tokens": tokens * 3 // 8, "compile_bodies": "always"}
     if cudagraphs:
         opts["inductor"] = {"triton.cudagraphs": True}
@@ -150,7 +154,7 @@ def _parity_row(device, tokens, build, loss_fn, precision, cudagraphs) -> dict:
         _step(cm, loss_fn, ids, amp)  # warm-up (cudagraphs records on a later call)
         loss, got = _step(cm, loss_fn, ids, amp)
         kinds = registry.compiled_kinds()
-    mlp, head, compiled, fell_back, plain = (counters[k] - before[k] for k in _PARITY_COUNTERS)
+    mlp, head, compiled, plain = (counters[k] - before[k] for k in _PARITY_COUNTERS)
     skips = _compat.dynamo_counters["inductor"]["cudagraph_skips"] - skips  # Inductor ran without CUDA graphs
     compiled_mlp, compiled_head = kinds["mlp"], sum(kinds[k] for k in _HEAD_KINDS)
     err = {n: (_rel(got[n], ref[n]), _rel(eager[n], ref[n])) for n in ref}
@@ -163,8 +167,8 @@ def _parity_row(device, tokens, build, loss_fn, precision, cudagraphs) -> dict:
             **({"cudagraph skips": skips} if cudagraphs else {}),
             "ok": loss.dtype == eager_loss.dtype and loss_err[0] <= 1.25 * loss_err[1] + 1e-3
             and all(a <= 1.25 * e + 1e-2 for a, e in err.values())
-            and mlp > 0 and head > 0 and compiled_mlp > 0 and compiled_head > 0 and compiled > 0 and not fell_back
-            and not plain and not (cudagraphs and skips)}  # fmt: skip
+            and mlp > 0 and head > 0 and compiled_mlp > 0 and compiled_head > 0 and compiled > 0 and not plain
+            and not (cudagraphs and skips)}  # fmt: skip
 
 
 PRECISIONS = ("bf16-params", "autocast")
@@ -274,7 +278,7 @@ def region_rows(device: str, small: bool, steps: int = 5, lengths: tuple[int, ..
                     continue
                 accumulate.FP32_OUTPUT_GEMM = fp32_out
                 torch.compiler.reset()
-                before = {k: counters[k] for k in (f"{region}_rewritten", "bodies_not_compiled")}
+                before = counters[f"{region}_rewritten"]
                 cm = torch.compile(module, backend=backend, **({"options": opts} if opts else {}))
 
                 def step():
@@ -299,11 +303,9 @@ def region_rows(device: str, small: bool, steps: int = 5, lengths: tuple[int, ..
                                    (torch.cuda.max_memory_reserved() - base[1]) / 2**20) if device == "cuda" else (
                                       math.nan,) * 2  # fmt: skip
                 base_ms = ms if backend == "inductor" else base_ms
-                chunked, fell_back = (counters[k] - n for k, n in before.items())
-                # a body that fell back to op by op: the time is not of the code the arm names
-                rows.add({"check": check, "chunked": "yes" if chunked else "no", "fwd+bwd ms": f"{ms:.2f}",
-                          "vs torch.compile": f"{ms / base_ms:.2f}x" if base_ms else "",
-                          "max alloc MiB": f"{alloc:.0f}", "max reserved MiB": f"{reserved:.0f}", "ok": not fell_back})
+                rows.add({"check": check, "chunked": "yes" if counters[f"{region}_rewritten"] - before else "no",
+                          "fwd+bwd ms": f"{ms:.2f}", "vs torch.compile": f"{ms / base_ms:.2f}x" if base_ms else "",
+                          "max alloc MiB": f"{alloc:.0f}", "max reserved MiB": f"{reserved:.0f}", "ok": True})
     return rows
 
 
